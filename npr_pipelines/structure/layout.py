@@ -105,14 +105,18 @@ class ParallelLayout:
         return [
             j
             for j, other in enumerate(self.segments[: index + 1])
-            if not (me.is_branch and other.is_branch and other.block == me.block and other.branch != me.branch)
+            if not (
+                me.is_branch and other.is_branch and other.block == me.block and other.branch != me.branch
+            )
         ]
 
     def visibility(self) -> torch.Tensor:
         """Dense boolean [L, L] matrix, True = may attend (for tests and small inputs)."""
         n = self.length
         if n > DENSE_MASK_MAX_TOKENS:
-            raise LayoutError(f"dense mask of {n} tokens refused (> {DENSE_MASK_MAX_TOKENS}); use the segments")
+            raise LayoutError(
+                f"dense mask of {n} tokens refused (> {DENSE_MASK_MAX_TOKENS}); use the segments"
+            )
         keys = torch.tensor(self.branch_of_token, dtype=torch.long)
         causal = torch.ones(n, n, dtype=torch.bool).tril()
         q, k = keys[:, None], keys[None, :]

@@ -18,14 +18,18 @@ _BOXED_V1 = re.compile(r"\\boxed\{(.*?)\}", re.DOTALL)
 _BLOCK_V1 = re.compile(
     r"<guideline>(.*?)</guideline>((?:(?!<guideline>).)*?)<takeaway>(.*?)</takeaway>", re.DOTALL
 )
-_BLOCK_V2 = re.compile(r"<guideline>(.*?)</guideline>((?:<step>.*?</step>)+)<takeaway>(.*?)</takeaway>", re.DOTALL)
+_BLOCK_V2 = re.compile(
+    r"<guideline>(.*?)</guideline>((?:<step>.*?</step>)+)<takeaway>(.*?)</takeaway>", re.DOTALL
+)
 
 
 def _has_tag(text: str) -> bool:
     return any(t in text for t in TAGS)
 
 
-def _score_blocks(text: str, block_re: re.Pattern[str], *, v2: bool, release_bug: bool) -> tuple[float, int] | float:
+def _score_blocks(
+    text: str, block_re: re.Pattern[str], *, v2: bool, release_bug: bool
+) -> tuple[float, int] | float:
     """Shared per-block scoring; returns (accumulated score, end of last block) or an early value."""
     blocks = list(block_re.finditer(text))
     if not blocks:

@@ -65,7 +65,11 @@ def validate(table: SpanTable, *, max_plans: int | None = None) -> Verdict:
         where = f"block {b_idx + 1}"
         if max_plans is not None and len(block.plans) > max_plans:
             out.append(
-                Violation("too_many_plans", f"{where}: {len(block.plans)} plans > {max_plans}", block.guideline.start)
+                Violation(
+                    "too_many_plans",
+                    f"{where}: {len(block.plans)} plans > {max_plans}",
+                    block.guideline.start,
+                )
             )
         if len(block.steps) != len(block.plans):
             out.append(
@@ -78,7 +82,9 @@ def validate(table: SpanTable, *, max_plans: int | None = None) -> Verdict:
         for k, plan in enumerate(block.plans):
             if plan.number != str(k + 1):
                 out.append(
-                    Violation("numbering", f"{where}: plan {k + 1} is labelled {plan.number!r}", plan.span.start)
+                    Violation(
+                        "numbering", f"{where}: plan {k + 1} is labelled {plan.number!r}", plan.span.start
+                    )
                 )
             if not plan.text:
                 out.append(Violation("empty_content", f"{where}: plan {k + 1} is empty", plan.span.start))

@@ -5,16 +5,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast lint fmt bench ui clean
+.PHONY: venv run test test-fast lint fmt clean
 
 venv: $(STAMP)
 
 # Plain venv + pip (uv/poetry would not see the local CPU torch wheel). The lock pins every version.
+# The machine's pip config may name local indexes that do not exist; their warnings are filtered out.
+PIP := $(PY) -m pip install -q --progress-bar off
+QUIET := 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -U pip
-	$(PY) -m pip install -q -r requirements.lock
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PIP) -U pip $(QUIET)
+	$(PIP) -r requirements.lock $(QUIET)
+	$(PIP) --no-deps --no-build-isolation -e . $(QUIET)
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -34,9 +37,6 @@ lint: $(STAMP)
 fmt: $(STAMP)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
-
-bench: $(STAMP)
-	$(PY) -m npr_pipelines.cli bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

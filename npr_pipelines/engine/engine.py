@@ -1,0 +1,317 @@
+"""The scheduler loop: every live stream of every running request advances in one batched forward.
+
+Per step: admit waiting requests while KV blocks allow; end what the budgets no longer fit; run one
+forward over every stream's unfed tokens (prompts, inserted headers/takeaways, the KV-only
+``</guideline>`` of a fork and ``</step>`` of finished branches, one sampled token per live stream);
+sample; hand each token to the request's ``RequestFlow``; then bring the KV tables in line with the
+flows (new slots, fork tables, join tables) and release what no stream needs any more.
+
+When the pool runs out of blocks while a request grows, the newest other request is preempted: its
+blocks are released and it restarts from its prompt later with the same seeds, so its output does not
+depend on the preemption. A request that alone does not fit ends with ``KV_CAPACITY``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from npr_pipelines.engine.flow import Event, RequestFlow, Stream, StreamKind, stream_seed
+from npr_pipelines.engine.kv_cache import BlockPool, KVTable, OutOfBlocks, check_invariants
+from npr_pipelines.engine.model import PagedQwen3, Row
+from npr_pipelines.engine.sampling import SampleRow, sample
+from npr_pipelines.engine.types import EngineOutput, FinishReason, Request, TokenCodec
+from npr_pipelines.structure import TagVocab, parse_tokens
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    num_blocks: int = 1024
+    block_size: int = 16
+    max_running: int = 256  # requests decoded concurrently
+    admission_watermark: int = 8  # free blocks kept beyond a new prompt's own when admitting it
+    small_query_max: int = 32  # rows with at most this many query tokens share one attention call
+    check_invariants: bool = False  # verify the KV bookkeeping after every step (tests)
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prefill_tokens: int = 0
+    decode_tokens: int = 0
+    preemptions: int = 0
+    peak_blocks_used: int = 0
+
+
+@dataclass
+class _Active:
+    request: Request
+    seed: int
+    arrival: float
+    flow: RequestFlow
+    preemptions: int = 0
+    tables: dict[int, KVTable] = field(default_factory=dict)  # id(stream) -> its table
+    kv_base: dict[int, int] = field(default_factory=dict)  # id(stream) -> table length before its tokens
+    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    first_token: float | None = None
+    prefill: int = 0
+    decode: int = 0
+
+
+class Engine:
+    """NPR parallel decoding over a Hugging Face Qwen3 model (CPU or CUDA, any float dtype)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        codec: TokenCodec,
+        tags: TagVocab | None = None,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.config = config or EngineConfig()
+        self.codec = codec
+        self.tags = tags
+        self.pool = BlockPool(self.config.num_blocks, self.config.block_size)
+        self.model = PagedQwen3(model, self.config.num_blocks, self.config.block_size, self.config.small_query_max)
+        self.stats = EngineStats()
+        self._waiting: deque[_Active] = deque()
+        self._running: list[_Active] = []  # in admission order
+        self._done: list[EngineOutput] = []
+
+    # ----------------------------------------------------------------- public API
+    def add_request(self, request: Request) -> None:
+        seed = request.params.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little") >> 1
+        flow = RequestFlow(request, self.codec, self.tags)  # validates mode/tags early
+        self._waiting.append(_Active(request, seed, time.perf_counter(), flow))
+
+    def abort(self, request_id: str) -> None:
+        for a in list(self._waiting):
+            if a.request.request_id == request_id:
+                self._waiting.remove(a)
+                a.flow.abort()
+                self._finish(a)
+        for a in list(self._running):
+            if a.request.request_id == request_id:
+                a.flow.abort()
+                self._finish(a)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self._running)
+
+    def generate(self, requests: Sequence[Request]) -> list[EngineOutput]:
+        """Decode all ``requests`` to the end; outputs in input order."""
+        ids = [r.request_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("request ids must be unique")
+        for r in requests:
+            self.add_request(r)
+        outputs: dict[str, EngineOutput] = {}
+        while self.has_unfinished():
+            for out in self.step():
+                outputs[out.request_id] = out
+        for out in self._drain():
+            outputs[out.request_id] = out
+        return [outputs[i] for i in ids]
+
+    def tables(self) -> Iterable[KVTable]:
+        for a in self._running:
+            yield from a.tables.values()
+
+    def check(self) -> None:
+        check_invariants(self.pool, self.tables())
+        if not self._running and self.pool.num_free != self.pool.num_blocks:
+            raise AssertionError(f"{self.pool.num_blocks - self.pool.num_free} blocks held with nothing running")
+
+    # ----------------------------------------------------------------- the loop
+    def step(self) -> list[EngineOutput]:
+        """One scheduler iteration; returns the requests that finished in it (and earlier aborts)."""
+        self._admit()
+        for a in list(self._running):
+            if a.flow.check_budgets() is Event.FINISHED:
+                self._finish(a)
+        work = [(a, s) for a in self._running for s in a.flow.streams if s.fed < len(s.tokens)]
+        if work:
+            self._run(work)
+        self.stats.steps += 1
+        self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, self.pool.num_blocks - self.pool.num_free)
+        if self.config.check_invariants:
+            self.check()
+        return self._drain()
+
+    def _drain(self) -> list[EngineOutput]:
+        out, self._done = self._done, []
+        return out
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._running) < self.config.max_running:
+            a = self._waiting[0]
+            need = self.pool.blocks_for(len(a.request.prompt_ids)) + self.config.admission_watermark
+            if self._running and self.pool.num_free < need:
+                return
+            self._waiting.popleft()
+            self._running.append(a)
+            if not self._sync(a):
+                self._finish(a)
+
+    def _run(self, work: list[tuple[_Active, Stream]]) -> None:
+        dev = self.model.device
+        rows, samplers = [], []
+        for a, s in work:
+            table = a.tables[id(s)]
+            rows.append(Row(table.slots_tensor(dev), s.unfed, s.unfed_positions, s.live))
+            if s.live:
+                samplers.append(SampleRow(a.request.params, self._generator(a, s), s, a.request.logits_hook))
+        logits = self.model.forward(self.model.build(rows))
+        tokens, logprobs = sample(logits, samplers) if samplers else ([], [])
+
+        for a, s in work:
+            n = len(s.tokens) - s.fed
+            n_inserted = sum(s.inserted[s.fed :])  # prompt and engine-inserted tokens
+            a.prefill += n_inserted
+            a.decode += n - n_inserted
+            self.stats.prefill_tokens += n_inserted
+            self.stats.decode_tokens += n - n_inserted
+            s.fed = len(s.tokens)
+
+        now = time.perf_counter()
+        by_request: dict[int, list[tuple[Stream, int, float]]] = {}
+        live = [(a, s) for a, s in work if s.live]
+        for (a, s), tok, lp in zip(live, tokens, logprobs, strict=True):
+            by_request.setdefault(id(a), []).append((s, tok, lp))
+        for a in list(self._running):
+            if a not in self._running:  # preempted while an earlier request grew
+                continue
+            sampled = by_request.get(id(a), [])
+            if sampled and a.first_token is None:
+                a.first_token = now
+            for s, tok, lp in sampled:
+                if a.flow.finished:
+                    break
+                if s.live:
+                    a.flow.accept(s, tok, lp)
+            if a.flow.finished or not self._sync(a):
+                self._finish(a)
+            else:
+                self._release_unneeded(a)
+
+    # ----------------------------------------------------------------- KV tables
+    def _generator(self, a: _Active, s: Stream) -> torch.Generator:
+        g = a.generators.get(id(s))
+        if g is None:
+            g = torch.Generator(device="cpu")
+            g.manual_seed(stream_seed(a.seed, s.path))
+            a.generators[id(s)] = g
+        return g
+
+    def _sync(self, a: _Active) -> bool:
+        """Give every stream of ``a`` a table with a slot per token; preempt others if blocks run out.
+
+        Idempotent, so it simply runs again after a preemption. False when ``a`` alone does not fit.
+        """
+        while True:
+            try:
+                self._sync_once(a)
+                return True
+            except OutOfBlocks:
+                victim = next((b for b in reversed(self._running) if b is not a), None)
+                if victim is None:
+                    a.flow.end_request(FinishReason.KV_CAPACITY, f"needs more than {self.pool.num_blocks} KV blocks")
+                    return False
+                self._preempt(victim)
+
+    def _sync_once(self, a: _Active) -> None:
+        flow = a.flow
+        for s in flow.streams:
+            key = id(s)
+            table = a.tables.get(key)
+            if table is not None and table.released:
+                continue
+            if table is None:
+                table = self._new_table(a, s)
+            want = a.kv_base[key] + len(s.tokens)
+            if len(table) < want:
+                table.append(want - len(table))
+
+    def _new_table(self, a: _Active, s: Stream) -> KVTable:
+        flow = a.flow
+        if s.kind is StreamKind.BRANCH:
+            parent = a.tables[id(flow.blocks[s.path[0]].trunk)]
+            table = parent.fork()
+        elif s.path == (0,):
+            table = KVTable(self.pool)
+        else:
+            block = flow.blocks[s.path[0] - 1]
+            parts = [(a.tables[id(block.branches[0])], 0)]
+            parts += [(a.tables[id(b)], a.kv_base[id(b)]) for b in block.branches[1:]]
+            table = KVTable.concat(self.pool, parts)
+        a.tables[id(s)] = table
+        a.kv_base[id(s)] = len(table)
+        return table
+
+    def _release_unneeded(self, a: _Active) -> None:
+        for s in a.flow.streams:
+            table = a.tables.get(id(s))
+            if (
+                table is not None
+                and not table.released
+                and not s.live
+                and s.fed == len(s.tokens)
+                and not a.flow.awaiting_join(s)
+            ):
+                table.release()
+
+    def _release_all(self, a: _Active) -> None:
+        for table in a.tables.values():
+            table.release()
+
+    def _preempt(self, a: _Active) -> None:
+        self._release_all(a)
+        self._running.remove(a)
+        fresh = _Active(a.request, a.seed, a.arrival, RequestFlow(a.request, self.codec, self.tags))
+        fresh.preemptions = a.preemptions + 1
+        self.stats.preemptions += 1
+        self._waiting.appendleft(fresh)
+
+    # ----------------------------------------------------------------- results
+    def _finish(self, a: _Active) -> None:
+        self._release_all(a)
+        if a in self._running:
+            self._running.remove(a)
+        self._done.append(self._output(a))
+
+    def _output(self, a: _Active) -> EngineOutput:
+        flow = a.flow
+        assert flow.finish is not None
+        ids, pos, lps, ins = flow.flattened()
+        segments, forks = flow.record()
+        prompt = list(a.request.prompt_ids)
+        table = None
+        if self.tags is not None:
+            table = parse_tokens(ids, self.tags, self.codec.decode, offset=len(prompt))
+        now = time.perf_counter()
+        return EngineOutput(
+            request_id=a.request.request_id,
+            mode=a.request.params.mode,
+            prompt_ids=prompt,
+            response_ids=ids,
+            positions=pos,
+            logprobs=lps,
+            inserted=ins,
+            finish_reason=flow.finish,
+            finish_detail=flow.finish_detail,
+            forks=forks,
+            segments=segments,
+            prefill_tokens=a.prefill,
+            decode_tokens=a.decode,
+            time_to_first_token_s=None if a.first_token is None else a.first_token - a.arrival,
+            latency_s=now - a.arrival,
+            preemptions=a.preemptions,
+            span_table=table,
+        )

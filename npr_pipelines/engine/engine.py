@@ -77,7 +77,9 @@ class Engine:
         self.codec = codec
         self.tags = tags
         self.pool = BlockPool(self.config.num_blocks, self.config.block_size)
-        self.model = PagedQwen3(model, self.config.num_blocks, self.config.block_size, self.config.small_query_max)
+        self.model = PagedQwen3(
+            model, self.config.num_blocks, self.config.block_size, self.config.small_query_max
+        )
         self.stats = EngineStats()
         self._waiting: deque[_Active] = deque()
         self._running: list[_Active] = []  # in admission order
@@ -127,7 +129,9 @@ class Engine:
     def check(self) -> None:
         check_invariants(self.pool, self.tables())
         if not self._running and self.pool.num_free != self.pool.num_blocks:
-            raise AssertionError(f"{self.pool.num_blocks - self.pool.num_free} blocks held with nothing running")
+            raise AssertionError(
+                f"{self.pool.num_blocks - self.pool.num_free} blocks held with nothing running"
+            )
 
     # ----------------------------------------------------------------- the loop
     def step(self) -> list[EngineOutput]:
@@ -140,7 +144,9 @@ class Engine:
         if work:
             self._run(work)
         self.stats.steps += 1
-        self.stats.peak_blocks_used = max(self.stats.peak_blocks_used, self.pool.num_blocks - self.pool.num_free)
+        self.stats.peak_blocks_used = max(
+            self.stats.peak_blocks_used, self.pool.num_blocks - self.pool.num_free
+        )
         if self.config.check_invariants:
             self.check()
         return self._drain()
@@ -222,7 +228,9 @@ class Engine:
             except OutOfBlocks:
                 victim = next((b for b in reversed(self._running) if b is not a), None)
                 if victim is None:
-                    a.flow.end_request(FinishReason.KV_CAPACITY, f"needs more than {self.pool.num_blocks} KV blocks")
+                    a.flow.end_request(
+                        FinishReason.KV_CAPACITY, f"needs more than {self.pool.num_blocks} KV blocks"
+                    )
                     return False
                 self._preempt(victim)
 

@@ -211,7 +211,9 @@ class RequestFlow:
                 stream.end(FinishReason.STEP_END)
                 return self._maybe_join(stream)
             if eos:
-                return self.end_request(FinishReason.EOS_IN_BRANCH, f"EOS in branch {stream.path}", culprit=stream)
+                return self.end_request(
+                    FinishReason.EOS_IN_BRANCH, f"EOS in branch {stream.path}", culprit=stream
+                )
             if token == self.tags[Tag.GUIDELINE]:
                 return self.end_request(
                     FinishReason.NESTED_GUIDELINE, f"<guideline> in branch {stream.path}", culprit=stream
@@ -237,7 +239,9 @@ class RequestFlow:
         assert self.tags is not None
         open_id = self.tags[Tag.GUIDELINE]
         body_end = len(trunk.tokens) - 1  # the </guideline> just sampled
-        start = next((i for i in range(body_end - 1, trunk.n_prompt - 1, -1) if trunk.tokens[i] == open_id), None)
+        start = next(
+            (i for i in range(body_end - 1, trunk.n_prompt - 1, -1) if trunk.tokens[i] == open_id), None
+        )
         if start is None:
             return -1, [], "</guideline> without an open <guideline>"
         numbers: list[str | None] = []
@@ -339,7 +343,12 @@ class RequestFlow:
             base = offsets[id(blk.trunk)]
             branches = tuple(
                 BranchRecord(
-                    r, k, b.number, offsets[id(b)], offsets[id(b)] + len(b.tokens), b.finish or FinishReason.ABORTED
+                    r,
+                    k,
+                    b.number,
+                    offsets[id(b)],
+                    offsets[id(b)] + len(b.tokens),
+                    b.finish or FinishReason.ABORTED,
                 )
                 for k, b in enumerate(blk.branches)
             )
@@ -354,4 +363,3 @@ class RequestFlow:
                 )
             )
         return segments, forks
-

@@ -178,4 +178,6 @@ def check_invariants(pool: BlockPool, tables: Iterable[KVTable]) -> None:
         if rc != holders.get(b, 0):
             raise AssertionError(f"block {b}: refcount {rc} but {holders.get(b, 0)} holders")
         if (rc == 0) != (b in free_set):
-            raise AssertionError(f"block {b}: refcount {rc} but {'on' if b in free_set else 'off'} the free list")
+            raise AssertionError(
+                f"block {b}: refcount {rc} but {'on' if b in free_set else 'off'} the free list"
+            )

@@ -92,7 +92,10 @@ class PagedQwen3:
         slot_parts = [r.kv_slots[-len(r.tokens) :] for r in rows]
         small = [i for i, r in enumerate(rows) if len(r.tokens) <= self.small_query_max]
         large = [[i] for i, r in enumerate(rows) if len(r.tokens) > self.small_query_max]
-        groups = [self._group([rows[i] for i in g], [offsets[i] for i in g]) for g in ([small] if small else []) + large]
+        groups = [
+            self._group([rows[i] for i in g], [offsets[i] for i in g])
+            for g in ([small] if small else []) + large
+        ]
         slots = torch.cat(slot_parts).to(dev)
         return Batch(
             input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
@@ -144,7 +147,9 @@ class PagedQwen3:
                 qg = q[g.q_index].transpose(1, 2)  # [R, H, Q, D]
                 kg = k_flat[g.kv_slots].transpose(1, 2)  # [R, Hkv, K, D]
                 vg = v_flat[g.kv_slots].transpose(1, 2)
-                og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, scale=self.scaling, enable_gqa=True)
+                og = F.scaled_dot_product_attention(
+                    qg, kg, vg, attn_mask=g.mask, scale=self.scaling, enable_gqa=True
+                )
                 og = og.transpose(1, 2)  # [R, Q, H, D]
                 out[g.q_index[g.q_valid]] = og[g.q_valid]
             h = h + attn.o_proj(out.reshape(t, -1))

@@ -48,7 +48,9 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[list[int], 
 
     proc = logits.clone()
     for i, row in enumerate(rows):
-        apply_repetition_penalty(proc[i], row.stream.tokens[row.stream.n_prompt :], row.params.repetition_penalty)
+        apply_repetition_penalty(
+            proc[i], row.stream.tokens[row.stream.n_prompt :], row.params.repetition_penalty
+        )
         if row.hook is not None:
             proc[i] = row.hook(row.stream, proc[i])
     proc = proc / t_eff
@@ -69,7 +71,10 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[list[int], 
         probs = torch.softmax(proc, dim=-1)
         cdf = probs.cumsum(dim=-1)
         u = torch.tensor(
-            [0.0 if row.params.temperature == 0 else torch.rand((), generator=row.generator).item() for row in rows],
+            [
+                0.0 if row.params.temperature == 0 else torch.rand((), generator=row.generator).item()
+                for row in rows
+            ],
             dtype=cdf.dtype,
             device=dev,
         )

@@ -6,9 +6,10 @@ forward over every stream's unfed tokens (prompts, inserted headers/takeaways, t
 sample; hand each token to the request's ``RequestFlow``; then bring the KV tables in line with the
 flows (new slots, fork tables, join tables) and release what no stream needs any more.
 
-When the pool runs out of blocks while a request grows, the newest other request is preempted: its
-blocks are released and it restarts from its prompt later with the same seeds, so its output does not
-depend on the preemption. A request that alone does not fit ends with ``KV_CAPACITY``.
+When the pool runs out of blocks while a request grows, the newest running request is preempted (the
+oldest always progresses): its blocks are released and it restarts from its prompt later with the
+same seeds, so its output does not depend on the preemption. A request that alone does not fit ends
+with ``KV_CAPACITY``.
 """
 
 from __future__ import annotations
@@ -163,8 +164,11 @@ class Engine:
                 return
             self._waiting.popleft()
             self._running.append(a)
-            if not self._sync(a):
+            status = self._sync(a)
+            if status == "failed":
                 self._finish(a)
+            elif status == "preempted":
+                return
 
     def _run(self, work: list[tuple[_Active, Stream]]) -> None:
         dev = self.model.device
@@ -202,9 +206,10 @@ class Engine:
                     break
                 if s.live:
                     a.flow.accept(s, tok, lp)
-            if a.flow.finished or not self._sync(a):
+            status = "finished" if a.flow.finished else self._sync(a)
+            if status in ("finished", "failed"):
                 self._finish(a)
-            else:
+            elif status == "ok":
                 self._release_unneeded(a)
 
     # ----------------------------------------------------------------- KV tables
@@ -216,23 +221,27 @@ class Engine:
             a.generators[id(s)] = g
         return g
 
-    def _sync(self, a: _Active) -> bool:
-        """Give every stream of ``a`` a table with a slot per token; preempt others if blocks run out.
+    def _sync(self, a: _Active) -> str:
+        """Give every stream of ``a`` a table with a slot per token: "ok", "preempted" or "failed".
 
-        Idempotent, so it simply runs again after a preemption. False when ``a`` alone does not fit.
+        When blocks run out the NEWEST running request is preempted (``a`` itself if it is the
+        newest), so the oldest always progresses; ``_sync_once`` is idempotent and simply runs again.
+        "failed": ``a`` runs alone and still does not fit (finish ``KV_CAPACITY``).
         """
         while True:
             try:
                 self._sync_once(a)
-                return True
+                return "ok"
             except OutOfBlocks:
-                victim = next((b for b in reversed(self._running) if b is not a), None)
-                if victim is None:
+                if len(self._running) == 1:
                     a.flow.end_request(
                         FinishReason.KV_CAPACITY, f"needs more than {self.pool.num_blocks} KV blocks"
                     )
-                    return False
+                    return "failed"
+                victim = self._running[-1]
                 self._preempt(victim)
+                if victim is a:
+                    return "preempted"
 
     def _sync_once(self, a: _Active) -> None:
         flow = a.flow

@@ -50,11 +50,15 @@ def teacher_forced_logprobs(model, prompt, out, cc: CharCodec, temperature: floa
     layout = parallel_layout(table)
     assert layout.position_ids == list(range(len(prompt))) + out.positions
     with torch.no_grad():
-        logits = model(
-            torch.tensor([full]),
-            attention_mask=layout.additive_mask(torch.float32),
-            position_ids=torch.tensor([layout.position_ids]),
-        ).logits[0]
+        logits = (
+            model(
+                torch.tensor([full]),
+                attention_mask=layout.additive_mask(model.dtype),
+                position_ids=torch.tensor([layout.position_ids]),
+            )
+            .logits[0]
+            .float()
+        )
     logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)
     p = len(prompt)
     return [
@@ -173,3 +177,18 @@ def test_sequential_mode_matches_plain_causal_forward(cc: CharCodec) -> None:
     worst = max(abs(logp[p + i - 1, full[p + i]].item() - lp) for i, lp in enumerate(out.logprobs))
     assert worst < TOL
     assert out.prefill_tokens == len(prompt)
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+def test_half_precision_within_rounding_noise(cc: CharCodec, dtype: torch.dtype, tol: float) -> None:
+    model = tiny_qwen3(cc.vocab_size, seed=1).to(dtype)
+    engine = Engine(
+        model, cc.codec(), cc.tags, EngineConfig(num_blocks=256, block_size=4, check_invariants=True)
+    )
+    trace = random_trace(random.Random(3), 2, [3, 2])
+    prompt = cc.encode("half?\n")
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=500)
+    [out] = engine.generate([Request("h", prompt, params, logits_hook=ScriptHook(trace_script(trace, cc)))])
+    assert out.finish_reason is FinishReason.EOS
+    worst = max(abs(out.logprobs[i] - lp) for i, lp in teacher_forced_logprobs(model, prompt, out, cc, 1.0))
+    assert worst < tol, worst

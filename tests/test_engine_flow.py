@@ -208,3 +208,37 @@ def test_parallel_mode_needs_tags(cc: CharCodec) -> None:
     engine = Engine(model, cc.codec(), tags=None, config=EngineConfig(num_blocks=16, block_size=4))
     with pytest.raises(ValueError, match="TagVocab"):
         engine.add_request(Request("p", [5, 6], SamplingParams(mode="parallel")))
+
+
+def test_request_flow_without_a_backend(cc: CharCodec) -> None:
+    """The state machine alone: fork at </guideline>, headers and positions from the structure rule,
+    join with an inserted <takeaway> at join_position, EOS ends the request."""
+    from npr_pipelines.engine import Event, RequestFlow, StreamKind
+    from npr_pipelines.structure import Tag, branch_start_position, join_position, step_header_ids
+
+    tags = cc.tags
+    flow = RequestFlow(Request("f", cc.encode("pq\n"), P()), cc.codec(), tags)
+    trunk = flow.streams[0]
+    events = [flow.accept(trunk, t, -1.0) for t in cc.encode_with_tags(_guideline(2))]
+    assert events[-1] is Event.FORK and set(events[:-1]) == {Event.NONE}
+    g_pos = trunk.positions[-1]
+    b1, b2 = flow.live_streams()
+    assert (b1.kind, b1.path, b2.path) == (StreamKind.BRANCH, (0, 0), (0, 1))
+    assert b1.tokens == step_header_ids("1", tags, cc.encode) and b2.tokens == step_header_ids(
+        "2", tags, cc.encode
+    )
+    assert b1.positions[0] == b2.positions[0] == branch_start_position(g_pos)
+    assert all(b1.inserted) and not trunk.live and trunk.finish is None  # complete, not failed
+    for t in cc.encode(" long body"):
+        assert flow.accept(b1, t, -1.0) is Event.NONE
+    assert flow.accept(b2, tags[Tag.STEP_END], -1.0) is Event.NONE  # waits for its sibling
+    assert flow.awaiting_join(b2)
+    assert flow.accept(b1, tags[Tag.STEP_END], -1.0) is Event.JOIN
+    cont = flow.streams[-1]
+    assert cont.tokens == [tags[Tag.TAKEAWAY]] and cont.inserted == [True]
+    assert cont.positions == [join_position([b1.positions[-1], b2.positions[-1]])]
+    assert flow.accept(cont, EOS_ID, -1.0) is Event.FINISHED
+    assert flow.finish is R.EOS
+    ids, positions, logprobs, inserted = flow.flattened()
+    assert len(ids) == flow.response_len == len(positions) == len(logprobs) == len(inserted)
+    assert [lp is None for lp in logprobs] == inserted

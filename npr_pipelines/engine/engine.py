@@ -49,7 +49,7 @@ class EngineStats:
     peak_blocks_used: int = 0
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: held in lists and compared by `is`/`in`
 class _Active:
     request: Request
     seed: int

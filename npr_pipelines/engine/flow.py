@@ -46,7 +46,7 @@ class StreamKind(Enum):
     BRANCH = "branch"
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: held in lists and compared by `is`/`in`
 class Stream:
     """One decoding stream. ``tokens[:n_prompt]`` is the prompt (first trunk segment only).
 
@@ -89,7 +89,7 @@ class Stream:
         self.finish = reason
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: held in lists and compared by `is`/`in`
 class _Block:
     trunk: Stream  # the segment whose </guideline> forked
     guideline_start: int  # index into trunk.tokens

@@ -84,7 +84,9 @@ def test_teacher_forced_logprobs_match_engine(cc: CharCodec, attn: str) -> None:
     for i, (trace, temp) in enumerate(zip(traces, temps, strict=True)):
         prompt = cc.encode(f"q{i}: {_words(rng, 3)}?\n")
         params = SamplingParams(temperature=temp, top_p=0.9, top_k=20, seed=i, max_tokens=2000)
-        requests.append(Request(f"r{i}", prompt, params, logits_hook=ScriptHook(trace_script(trace, cc))))
+        requests.append(
+            Request(f"r{i}", prompt, params, logits_hook=ScriptHook(trace_script(trace, cc.tags, cc.encode)))
+        )
     outputs = engine.generate(requests)
 
     worst = 0.0
@@ -114,7 +116,7 @@ def test_free_sampling_consistency_and_counters(cc: CharCodec) -> None:
         model, cc.codec(), cc.tags, EngineConfig(num_blocks=256, block_size=8, check_invariants=True)
     )
     trace = Trace.build([(["a", "b", "c"], ["-", "-", "-"], "t")], "\\boxed{1}")
-    script = trace_script(trace, cc)
+    script = trace_script(trace, cc.tags, cc.encode)
     for k in range(3):
         del script[(0, k)]  # branches sample freely until the cap
 
@@ -188,7 +190,56 @@ def test_half_precision_within_rounding_noise(cc: CharCodec, dtype: torch.dtype,
     trace = random_trace(random.Random(3), 2, [3, 2])
     prompt = cc.encode("half?\n")
     params = SamplingParams(temperature=1.0, seed=0, max_tokens=500)
-    [out] = engine.generate([Request("h", prompt, params, logits_hook=ScriptHook(trace_script(trace, cc)))])
+    [out] = engine.generate(
+        [Request("h", prompt, params, logits_hook=ScriptHook(trace_script(trace, cc.tags, cc.encode)))]
+    )
     assert out.finish_reason is FinishReason.EOS
     worst = max(abs(out.logprobs[i] - lp) for i, lp in teacher_forced_logprobs(model, prompt, out, cc, 1.0))
     assert worst < tol, worst
+
+
+def test_real_bpe_tokenizer_end_to_end() -> None:
+    """A byte-level BPE tokenizer with the tags added: ids equal ``encode_trace`` (headers are encoded
+    on their own, exactly where the engine inserts them) and log-probs match the trainer forward."""
+    from _support import byte_bpe_tokenizer
+
+    from npr_pipelines.engine import TokenCodec
+    from npr_pipelines.structure import TagVocab
+
+    tok = byte_bpe_tokenizer()
+    tags = TagVocab.from_tokenizer(tok)
+    codec = TokenCodec.from_tokenizer(tok)
+    encode = codec.encode
+    model = tiny_qwen3(len(tok), seed=6)
+    engine = Engine(model, codec, tags, EngineConfig(num_blocks=128, block_size=16, check_invariants=True))
+    trace = Trace.build(
+        [(["compute a*b", "compute c*d"], ["a*b=12", "c*d=30"], "sum"), (["add"], ["12+30=42"], "done")],
+        "the answer \\boxed{42}",
+    )
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "sum of products?"}], add_generation_prompt=True
+    )
+    prompt = list(prompt["input_ids"])
+    script = trace_script(trace, tags, encode, end=[tok.eos_token_id])
+    params = SamplingParams(temperature=0.8, seed=2, max_tokens=500)
+    [out] = engine.generate([Request("bpe", prompt, params, logits_hook=ScriptHook(script))])
+    assert out.finish_reason is FinishReason.EOS
+    assert out.response_ids == [*encode_trace(trace, tags, encode), tok.eos_token_id]
+    assert out.structure_errors(tags, codec.decode) == []
+    assert validate(out.span_table).valid
+    full = prompt + out.response_ids
+    layout = parallel_layout(out.span_table)
+    with torch.no_grad():
+        logits = model(
+            torch.tensor([full]),
+            attention_mask=layout.additive_mask(),
+            position_ids=torch.tensor([layout.position_ids]),
+        ).logits[0]
+    logp = torch.log_softmax(logits / 0.8, -1)
+    p = len(prompt)
+    worst = max(
+        abs(logp[p + i - 1, full[p + i]].item() - out.logprobs[i])
+        for i in range(len(out.response_ids))
+        if not out.inserted[i]
+    )
+    assert worst < TOL

@@ -126,7 +126,7 @@ def test_malformed_output_ends_with_the_right_reason(engine: Engine, cc: CharCod
 
 def test_dotted_numbers_and_metrics(engine: Engine, cc: CharCodec) -> None:
     trace = Trace.build([(["a", "b"], ["x", "yy"], "t")], "\\boxed{1}")
-    script = trace_script(trace, cc)
+    script = trace_script(trace, cc.tags, cc.encode)
     # relabel the plans 1.1 and 1.2: headers follow the model's own labels
     text = cc.decode(script[(0,)]).replace("1: a", "1.1: a").replace("2: b", "1.2: b")
     script[(0,)] = cc.encode_with_tags(text)
@@ -146,7 +146,7 @@ def test_dotted_numbers_and_metrics(engine: Engine, cc: CharCodec) -> None:
 
 def test_abort_frees_everything(engine: Engine, cc: CharCodec) -> None:
     trace = Trace.build([(["a", "b", "c"], ["x" * 30, "y" * 30, "z" * 30], "t")], "\\boxed{1}")
-    hook = ScriptHook(trace_script(trace, cc))
+    hook = ScriptHook(trace_script(trace, cc.tags, cc.encode))
     engine.add_request(Request("ab", cc.encode("a\n"), P(), logits_hook=hook))
     engine.add_request(Request("keep", cc.encode("k\n"), P(), logits_hook=hook))
     finished = []

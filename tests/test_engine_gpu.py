@@ -35,7 +35,7 @@ def test_cuda_teacher_forced_consistency(dtype: torch.dtype, tol: float) -> None
             f"c{i}",
             cc.encode(f"cuda {i}\n"),
             SamplingParams(seed=i, max_tokens=2000, top_p=0.95),
-            logits_hook=ScriptHook(trace_script(t, cc)),
+            logits_hook=ScriptHook(trace_script(t, cc.tags, cc.encode)),
         )
         for i, t in enumerate(traces)
     ]

@@ -8,7 +8,7 @@ model's own logits, so a teacher-forced forward over the result can check them e
 from __future__ import annotations
 
 import string
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -78,14 +78,14 @@ Script = Mapping[tuple[int, ...], Sequence[int]]
 
 
 def trace_script(
-    trace: Trace, codec: CharCodec, *, end: Sequence[int] = (EOS_ID,)
+    trace: Trace, tags: TagVocab, encode: Callable[[str], list[int]], *, end: Sequence[int] = (EOS_ID,)
 ) -> dict[tuple[int, ...], list[int]]:
     """The tokens each stream must SAMPLE for the engine to produce ``encode_trace(trace) + end``.
 
     Keys are stream paths: ``(r,)`` trunk segment r, ``(r, k)`` branch k of block r. Engine-inserted
     tokens (step headers, ``<takeaway>``) are not in the script.
     """
-    tags, enc = codec.tags, codec.encode
+    enc = encode
     script: dict[tuple[int, ...], list[int]] = {}
     trunk: list[int] = []
     for r, block in enumerate(trace.blocks):

@@ -168,9 +168,11 @@ class EngineOutput:
 
     ``logprobs[i]`` is log_softmax(logits / temperature)[token] of the MODEL's logits at sampling time
     (temperature 1 when greedy), before repetition penalty, logits hooks, top-k and top-p; None for
-    engine-inserted tokens. ``segments`` is the engine's own layout record (absolute offsets) and
-    ``positions`` the positions it decoded with; for a complete trace both equal
-    ``parallel_layout(span_table)``, the trainer's rule.
+    engine-inserted tokens. ``positions[i]`` is the RoPE position response token i was decoded at
+    (the prompt occupies 0..prompt_len-1); ``segments`` is the engine's own layout record (absolute,
+    prompt-inclusive offsets). For a complete trace both equal ``parallel_layout(span_table)``, the
+    trainer's rule (``structure_errors`` checks it). ``forks`` and the branch finish reasons are the
+    engine's record of what it executed; the request's ``finish_reason`` says why it ended.
     """
 
     request_id: str

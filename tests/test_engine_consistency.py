@@ -82,11 +82,12 @@ def test_teacher_forced_logprobs_match_engine(cc: CharCodec, attn: str) -> None:
     temps = [1.0, 0.7, 0.0, 1.3]
     requests = []
     for i, (trace, temp) in enumerate(zip(traces, temps, strict=True)):
-        prompt = cc.encode(f"q{i}: {_words(rng, 3)}?\n")
+        prompt = cc.encode(f"q{i}: {_words(rng, 3 if i % 2 else 25)}?\n")  # some > small_query_max
         params = SamplingParams(temperature=temp, top_p=0.9, top_k=20, seed=i, max_tokens=2000)
         requests.append(
             Request(f"r{i}", prompt, params, logits_hook=ScriptHook(trace_script(trace, cc.tags, cc.encode)))
         )
+    assert max(len(r.prompt_ids) for r in requests) > engine.config.small_query_max  # both attention paths
     outputs = engine.generate(requests)
 
     worst = 0.0

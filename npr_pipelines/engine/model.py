@@ -54,7 +54,9 @@ class PagedQwen3:
         cfg = model.config
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
             raise NotImplementedError("sliding-window Qwen3 layers are not supported by the paged forward")
-        self.hf = model.eval()
+        # No .eval(): the caller's module (maybe shared with a trainer) keeps its mode; this forward
+        # has no dropout path, and it reads the live weights on every call (no copies).
+        self.hf = model
         self.config = cfg
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype

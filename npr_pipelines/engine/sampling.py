@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from npr_pipelines.engine.flow import Stream
+from npr_pipelines.engine.flow import Stream, StreamKind
 from npr_pipelines.engine.types import LogitsHook, SamplingParams
 
 
@@ -48,9 +48,10 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[list[int], 
 
     proc = logits.clone()
     for i, row in enumerate(rows):
-        apply_repetition_penalty(
-            proc[i], row.stream.tokens[row.stream.n_prompt :], row.params.repetition_penalty
-        )
+        penalty = row.params.repetition_penalty
+        if row.stream.kind is StreamKind.BRANCH and row.params.branch_repetition_penalty is not None:
+            penalty = row.params.branch_repetition_penalty
+        apply_repetition_penalty(proc[i], row.stream.tokens[row.stream.n_prompt :], penalty)
         if row.hook is not None:
             proc[i] = row.hook(row.stream, proc[i])
     proc = proc / t_eff

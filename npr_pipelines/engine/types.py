@@ -71,7 +71,8 @@ class SamplingParams:
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
-    repetition_penalty: float = 1.0  # multiplicative, over the stream's own tokens (NPR: branch output)
+    repetition_penalty: float = 1.0  # multiplicative, over the stream's own tokens
+    branch_repetition_penalty: float | None = None  # inside branches (None: repetition_penalty); NPR: 1.02
     seed: int | None = None  # None: a fresh random seed per request
     max_tokens: int = 1024
     max_total_tokens: int | None = None
@@ -85,7 +86,9 @@ class SamplingParams:
             raise ValueError(f"mode must be 'parallel' or 'sequential', got {self.mode!r}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
             raise ValueError("need temperature >= 0, 0 < top_p <= 1, top_k >= 0")
-        if self.repetition_penalty <= 0:
+        if self.repetition_penalty <= 0 or (
+            self.branch_repetition_penalty is not None and self.branch_repetition_penalty <= 0
+        ):
             raise ValueError("repetition_penalty must be > 0")
         if self.max_tokens < 1 or (self.max_total_tokens is not None and self.max_total_tokens < 1):
             raise ValueError("budgets must be >= 1")

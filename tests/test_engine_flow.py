@@ -255,3 +255,12 @@ def test_request_flow_without_a_backend(cc: CharCodec) -> None:
     ids, positions, logprobs, inserted = flow.flattened()
     assert len(ids) == flow.response_len == len(positions) == len(logprobs) == len(inserted)
     assert [lp is None for lp in logprobs] == inserted
+
+
+def test_generate_keeps_outputs_of_requests_added_earlier(engine: Engine, cc: CharCodec) -> None:
+    script = {(0,): cc.encode("x")}
+    engine.add_request(Request("early", cc.encode("e\n"), P(), logits_hook=ScriptHook(script)))
+    [out] = engine.generate([Request("late", cc.encode("l\n"), P(), logits_hook=ScriptHook(script))])
+    assert out.request_id == "late"
+    assert [o.request_id for o in engine.step()] == ["early"]
+    assert not engine.has_unfinished()

@@ -115,12 +115,16 @@ class Engine:
             raise ValueError("request ids must be unique")
         for r in requests:
             self.add_request(r)
+        wanted = set(ids)
         outputs: dict[str, EngineOutput] = {}
+        others: list[EngineOutput] = []
         while self.has_unfinished():
             for out in self.step():
-                outputs[out.request_id] = out
-        for out in self._drain():
-            outputs[out.request_id] = out
+                if out.request_id in wanted:
+                    outputs[out.request_id] = out
+                else:
+                    others.append(out)  # added earlier through add_request: returned by the next step()
+        self._done.extend(others)  # step() drains everything, so these are all that is left
         return [outputs[i] for i in ids]
 
     def tables(self) -> Iterable[KVTable]:

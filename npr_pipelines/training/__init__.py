@@ -1,0 +1,1 @@
+"""Training: parallel SFT attention and (later) the SFT and PAPO trainers."""

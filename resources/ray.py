@@ -13,6 +13,12 @@ class RayResource(dg.ConfigurableResource):
     address: str = ""
     num_cpus: int | None = None
 
+    def training_cpus(self) -> int:
+        """CPUs a training task asks for: all of a local machine's (one task trains at a time)."""
+        import os
+
+        return self.num_cpus or os.cpu_count() or 1
+
     def ensure(self) -> RayInfo:
         if self.address:
             return ensure_ray(self.address)

@@ -1,0 +1,33 @@
+"""The Dagster code location (``workspace.yaml`` names this module; nothing in the library imports it).
+
+Resources default to the embedded profile: local Ray on 127.0.0.1, storage and MLflow under
+``$NPR_HOME`` (``.npr``). ``NPR_PROFILE`` picks the stage configs (``default``, ``small``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import dagster as dg
+
+from assets import ALL_ASSETS
+from assets.io_manager import NprIOManager
+from assets.jobs import EVAL_JOB, MAIN_JOB
+from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
+
+
+def build_definitions(profile: str | None = None) -> dg.Definitions:
+    return dg.Definitions(
+        assets=ALL_ASSETS,
+        jobs=[MAIN_JOB, EVAL_JOB],
+        resources={
+            "settings": PipelineSettings(profile=profile or os.environ.get("NPR_PROFILE", "default")),
+            "storage": StorageResource(),
+            "mlflow": MlflowResource(),
+            "ray": RayResource(address=os.environ.get("NPR_RAY_ADDRESS", "")),
+            "io_manager": NprIOManager(),
+        },
+    )
+
+
+defs = build_definitions()

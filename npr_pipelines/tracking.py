@@ -36,6 +36,13 @@ def default_tracking_uri(home: str | os.PathLike | None = None) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
 
 
+def _default_artifacts(tracking_uri: str) -> str | None:
+    """Beside a sqlite store: ``<dir>/mlartifacts`` (MLflow's default would be ``./mlruns`` in the cwd)."""
+    if tracking_uri.startswith("sqlite:///"):
+        return (Path(tracking_uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+    return None
+
+
 def _client(tracking_uri: str):
     from mlflow import MlflowClient
 
@@ -113,10 +120,15 @@ class Tracker:
     """Creates, finds and closes stage runs in one experiment."""
 
     def __init__(
-        self, tracking_uri: str | None = None, experiment: str = "npr-pipelines", ui_url: str | None = None
+        self,
+        tracking_uri: str | None = None,
+        experiment: str = "npr-pipelines",
+        ui_url: str | None = None,
+        artifact_location: str | None = None,
     ):
         self.tracking_uri = tracking_uri or default_tracking_uri()
         self.experiment = experiment
+        self.artifact_location = artifact_location or _default_artifacts(self.tracking_uri)
         self.ui_url = ui_url
         self.client = _client(self.tracking_uri)
 
@@ -124,7 +136,7 @@ class Tracker:
         exp = self.client.get_experiment_by_name(self.experiment)
         if exp is not None:
             return exp.experiment_id
-        return self.client.create_experiment(self.experiment)
+        return self.client.create_experiment(self.experiment, artifact_location=self.artifact_location)
 
     def find_run_by(self, tags: Mapping[str, str]) -> Any | None:
         """The most recent run whose tags equal ``tags``."""

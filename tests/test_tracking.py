@@ -57,3 +57,10 @@ def test_inputs_and_model_aliases(tracker, tmp_path) -> None:
     assert inputs[0].dataset.digest == "abc123" and inputs[0].dataset.name == "corpus"
     mv = tracker.client.get_model_version_by_alias("npr-beta", "final")
     assert mv.version == version and mv.run_id == run.run_id
+
+
+def test_artifacts_live_beside_the_sqlite_store(tracker, tmp_path) -> None:
+    with tracker.stage_run(stage="x", run_key="k-x") as run:
+        run.log_dict({"a": 1}, "a.json")
+    uri = tracker.client.get_run(run.run_id).info.artifact_uri
+    assert uri.startswith((tmp_path / "mlartifacts").as_uri())

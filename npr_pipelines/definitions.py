@@ -11,6 +11,7 @@ import os
 import dagster as dg
 
 from assets import ALL_ASSETS
+from assets.automation import checkpoint_sensor, retrain_schedule, train_problems_changed
 from assets.io_manager import NprIOManager
 from assets.jobs import EVAL_JOB, MAIN_JOB
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
@@ -20,6 +21,8 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ALL_ASSETS,
         jobs=[MAIN_JOB, EVAL_JOB],
+        schedules=[retrain_schedule],
+        sensors=[checkpoint_sensor, train_problems_changed],
         resources={
             "settings": PipelineSettings(profile=profile or os.environ.get("NPR_PROFILE", "default")),
             "storage": StorageResource(),

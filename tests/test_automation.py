@@ -1,0 +1,63 @@
+"""Schedules and sensors, evaluated with Dagster's contexts."""
+
+from __future__ import annotations
+
+import json
+
+import dagster as dg
+import pytest
+
+from assets.automation import checkpoint_sensor, retrain_schedule, train_problems_changed
+from assets.common import checkpoint_ref, record_checkpoint
+from npr_pipelines.storage import Storage
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("NPR_HOME", str(tmp_path))
+    return tmp_path
+
+
+def _publish_index(home, key: str) -> None:
+    stage, _, step = key.rpartition("-")
+    ref = checkpoint_ref(stage=stage or key, step=int(step) if step.isdigit() else 0, uri=f"/x/{key}",
+                         data_version="v", run_id=None, partition=key)  # fmt: skip
+    record_checkpoint(Storage(str(home / "artifacts")), ref)
+
+
+def test_checkpoint_sensor_registers_new_checkpoints_once(home) -> None:
+    instance = dg.DagsterInstance.ephemeral()
+    ctx = dg.build_sensor_context(instance=instance)
+    assert isinstance(checkpoint_sensor(ctx), dg.SkipReason)
+    _publish_index(home, "base")
+    _publish_index(home, "npr_zero-000010")
+    result = checkpoint_sensor(dg.build_sensor_context(instance=instance))
+    assert sorted(result.dynamic_partitions_requests[0].partition_keys) == ["base", "npr_zero-000010"]
+    keys = {r.partition_key.keys_by_dimension["checkpoint"] for r in result.run_requests}
+    assert keys == {"base", "npr_zero-000010"}
+    assert len({r.run_key for r in result.run_requests}) == len(result.run_requests)
+    # Same cursor, nothing new: skip. One more checkpoint: only it is requested.
+    again = checkpoint_sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor))
+    assert isinstance(again, dg.SkipReason)
+    _publish_index(home, "npr_zero-000020")
+    third = checkpoint_sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor))
+    assert third.dynamic_partitions_requests[0].partition_keys == ["npr_zero-000020"]
+    assert json.loads(third.cursor) == ["base", "npr_zero-000010", "npr_zero-000020"]
+
+
+def test_retrain_sensor_fires_only_when_the_source_changes(home, tmp_path, monkeypatch) -> None:
+    source = tmp_path / "train.jsonl"
+    source.write_text('{"question": "1+1", "answer": "2"}\n')
+    monkeypatch.setenv("NPR_TRAIN_PROBLEMS", str(source))
+    first = train_problems_changed(dg.build_sensor_context())
+    assert not first.run_requests and first.cursor
+    unchanged = train_problems_changed(dg.build_sensor_context(cursor=first.cursor))
+    assert isinstance(unchanged, dg.SkipReason)
+    source.write_text('{"question": "1+2", "answer": "3"}\n')
+    changed = train_problems_changed(dg.build_sensor_context(cursor=first.cursor))
+    assert len(changed.run_requests) == 1 and changed.cursor != first.cursor
+
+
+def test_retrain_schedule_is_off_by_default() -> None:
+    assert retrain_schedule.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert retrain_schedule.job_name == "main"

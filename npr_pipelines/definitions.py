@@ -10,8 +10,9 @@ import os
 
 import dagster as dg
 
-from assets import ALL_ASSETS
+from assets import ALL_ASSETS, CHECKPOINT_ASSETS
 from assets.automation import checkpoint_sensor, retrain_schedule, train_problems_changed
+from assets.checks import checkpoint_checks
 from assets.io_manager import NprIOManager
 from assets.jobs import EVAL_JOB, MAIN_JOB
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
@@ -20,6 +21,7 @@ from resources import MlflowResource, PipelineSettings, RayResource, StorageReso
 def build_definitions(profile: str | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ALL_ASSETS,
+        asset_checks=checkpoint_checks(CHECKPOINT_ASSETS),
         jobs=[MAIN_JOB, EVAL_JOB],
         schedules=[retrain_schedule],
         sensors=[checkpoint_sensor, train_problems_changed],

@@ -108,11 +108,12 @@ def test_gradient_accumulation_equals_one_big_batch(kind: str) -> None:
     for seqs in steps:
         a = whole.train_step(objective(kind, seqs), micro_batches(seqs, 8, pad_id=0))
         b = accum.train_step(objective(kind, seqs), micro_batches(seqs, 4, pad_id=0))
-        assert abs(a["loss"] - b["loss"]) < 1e-6, (a, b)
+        # Relative above 1: the SFT loss is ~5, where 1e-6 is ~2 float32 ulps (measured 4.8e-7).
+        assert abs(a["loss"] - b["loss"]) < 1e-6 * max(1.0, abs(a["loss"])), (a, b)
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-6 * max(1.0, a["grad_norm"])
     assert a["grad_norm"] > 0.2  # clipping was active
     assert whole.global_step == accum.global_step == 3
-    assert max_weight_diff(whole.unwrap(), accum.unwrap()) < 1e-6
+    assert max_weight_diff(whole.unwrap(), accum.unwrap()) < 1e-6  # measured 6e-8 (sft), 1.2e-7 (papo)
 
 
 def test_save_load_resumes_to_identical_weights(tmp_path: Path) -> None:

@@ -39,7 +39,8 @@ ray = pytest.importorskip("ray")
 
 LOSS_TOL = 1e-5
 WEIGHT_TOL = 1e-5
-OPTIMIZER = OptimizerConfig(lr=1e-2, max_grad_norm=1.0)
+# A warmup schedule, so a step with the wrong learning rate would show in the weights.
+OPTIMIZER = OptimizerConfig(lr=1e-2, max_grad_norm=1.0, schedule=lambda step: 1e-2 * min(1.0, (step + 1) / 2))
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,7 @@ def test_sft_under_ray_train_matches_torch(cluster, base_model, stage: int, tmp_
     # Same micro-batches as the ranks (padding per micro-batch): only the summation order differs.
     expected = [reference.train_step(SftObjective(count_targets(s)), micro_batches(s, 2, 0)) for s in steps]
     assert [m["step"] for m in result.history] == [1, 2, 3]
+    assert [m["lr"] for m in result.history] == [5e-3, 1e-2, 1e-2]
     for got, want in zip(result.history, expected, strict=True):
         assert abs(got["loss"] - want["loss"]) < LOSS_TOL, (got, want)
         assert abs(got["grad_norm"] - want["grad_norm"]) < LOSS_TOL * max(1.0, want["grad_norm"])
@@ -118,6 +120,8 @@ def test_papo_step_in_actor_group_matches_torch(cluster, base_model, tmp_path: P
         objective = PolicyObjective("papo", count_targets(steps[1]))
         first = group.train_step(objective, steps[1], micro_batch_size=2)
         after_two = group.state_dict()
+        reference.train_step(objective, micro_batches(steps[1], 2, 0))  # lr 1e-2 now: set per step
+        assert max_weight_diff(after_two, reference.unwrap()) < WEIGHT_TOL
         assert group.load(tmp_path / "published") == 1
         assert max_weight_diff(group.state_dict(), synced) == 0.0
         second = group.train_step(objective, steps[1], micro_batch_size=2)

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from npr_pipelines.rl import get_policy_loss
 from npr_pipelines.training.batch import TokenBatch, TrainSequence, collate, token_logprobs
 from npr_pipelines.training.checkpoint import _optimizer_to_files, load_optimizer_state
 
@@ -82,6 +83,7 @@ def split_loss(out: LossOut) -> tuple[torch.Tensor, dict[str, float]]:
 
 
 def mean_metrics(per_batch: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """Unweighted mean over micro-batches (diagnostics only; the step's loss is the exact sum)."""
     keys = {k for m in per_batch for k in m}
     return {k: sum(m.get(k, 0.0) for m in per_batch) / len(per_batch) for k in sorted(keys)}
 
@@ -116,7 +118,11 @@ class SftObjective:
 
 @dataclass(frozen=True)
 class PolicyObjective:
-    """A registered policy loss (``rl.get_policy_loss``) over per-sequence advantages."""
+    """A registered policy loss (``rl.get_policy_loss``) over per-sequence advantages.
+
+    ``denominator``: `count_targets` of the step for ``token-mean``; for the ``seq-mean-*`` modes, the
+    number of the step's sequences that have a target.
+    """
 
     name: str
     denominator: float
@@ -124,14 +130,17 @@ class PolicyObjective:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
     def __call__(self, model: nn.Module, batch: TokenBatch) -> LossOut:
-        from npr_pipelines.rl import get_policy_loss
-
         logp = token_logprobs(model, batch)
         adv = batch.advantages[:, None].expand_as(logp)
         return get_policy_loss(self.name)(
-            logp, batch.old_logprobs, adv, batch.loss_mask,
-            agg_mode=self.agg_mode, denominator=self.denominator, **self.kwargs,
-        )  # fmt: skip
+            logp,
+            batch.old_logprobs,
+            adv,
+            batch.loss_mask,
+            agg_mode=self.agg_mode,
+            denominator=self.denominator,
+            **self.kwargs,
+        )
 
 
 def load_hf_weights(model: nn.Module, path: str | Path) -> None:

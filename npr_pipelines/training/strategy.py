@@ -50,14 +50,8 @@ class OptimizerConfig:
         return self.lr if self.schedule is None else float(self.schedule(step))
 
     def adamw(self, params: Any) -> torch.optim.AdamW:
-        # foreach=False: the same per-tensor arithmetic on flat ZeRO partitions and on module params.
         return torch.optim.AdamW(
-            params,
-            lr=self.lr_at(0),
-            betas=self.betas,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            foreach=False,
+            params, lr=self.lr_at(0), betas=self.betas, eps=self.eps, weight_decay=self.weight_decay
         )
 
 

@@ -83,9 +83,7 @@ def save_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
     if optimizer is not None:
-        tensors, meta = _optimizer_to_files(optimizer)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        save_optimizer_state(tmp, optimizer)
     state = {
         "step": step,
         "data_cursor": data_cursor,
@@ -105,6 +103,13 @@ def read_state(path: str | os.PathLike) -> CheckpointState:
     return CheckpointState(
         raw["step"], raw["data_cursor"], raw["config"], raw["history"], raw.get("extra", {})
     )
+
+
+def save_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
+    """Write the optimizer as ``optimizer.safetensors`` (tensors) + ``optimizer.json`` (the rest)."""
+    tensors, meta = _optimizer_to_files(optimizer)
+    save_file(tensors, str(Path(path) / "optimizer.safetensors"))
+    (Path(path) / "optimizer.json").write_text(json.dumps(meta))
 
 
 def load_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:

@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from npr_pipelines.rl import get_policy_loss
 from npr_pipelines.training.batch import TokenBatch, TrainSequence, collate, token_logprobs
-from npr_pipelines.training.checkpoint import _optimizer_to_files, load_optimizer_state
+from npr_pipelines.training.checkpoint import load_optimizer_state, save_optimizer_state
 
 LossOut = torch.Tensor | tuple[torch.Tensor, Mapping[str, Any]]
 LossFn = Callable[[nn.Module, TokenBatch], LossOut]
@@ -208,9 +208,7 @@ class TorchStrategy:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         self.unwrap().save_pretrained(path)
-        tensors, meta = _optimizer_to_files(self.optimizer)
-        save_file(tensors, str(path / "optimizer.safetensors"))
-        (path / "optimizer.json").write_text(json.dumps(meta))
+        save_optimizer_state(path, self.optimizer)
         (path / STRATEGY_STATE).write_text(json.dumps(self.state_for_checkpoint()))
         return path
 

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run test test-fast lint fmt clean
+.PHONY: venv run ui test test-fast lint fmt clean
 
 venv: $(STAMP)
 
@@ -22,6 +22,10 @@ $(STAMP): requirements.lock pyproject.toml
 
 run: $(STAMP)
 	$(PY) -m npr_pipelines.cli run
+
+# Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000, over the same .npr state.
+ui: $(STAMP)
+	$(PY) -m npr_pipelines.cli ui
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -49,6 +50,43 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(args: argparse.Namespace) -> int:
+    """Dagster's UI (webserver + daemon) and MLflow's, on 127.0.0.1, over the same ``.npr`` state."""
+    import subprocess
+
+    home = prepare_home(Path(args.home))
+    os.environ["NPR_PROFILE"] = args.profile
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    mlflow_cmd = [
+        sys.executable, "-m", "mlflow", "server", "--host", args.host, "--port", str(args.mlflow_port),
+        "--workers", "1", "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination", str(home / "mlartifacts"),
+    ]  # fmt: skip
+    dagster_cmd = [
+        sys.executable, "-m", "dagster", "dev", "-w", str(Path(__file__).resolve().parents[1] / "workspace.yaml"),
+        "-h", args.host, "-p", str(args.dagster_port),
+    ]  # fmt: skip
+    # SIGTERM must run the cleanup below too (its default action would skip it and orphan the servers).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    procs = [subprocess.Popen(mlflow_cmd, env=env, start_new_session=True)]
+    print(
+        f"MLflow UI: http://{args.host}:{args.mlflow_port}  Dagster UI: http://{args.host}:{args.dagster_port}"
+    )
+    try:
+        procs.append(subprocess.Popen(dagster_cmd, env=env, start_new_session=True))
+        return procs[-1].wait()
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="npr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -56,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--profile", default=os.environ.get("NPR_PROFILE", "default"))
     run.add_argument("--home", default=os.environ.get("NPR_HOME", ".npr"))
     run.set_defaults(func=cmd_run)
+    ui = sub.add_parser("ui", help="start the Dagster and MLflow UIs on 127.0.0.1")
+    ui.add_argument("--profile", default=os.environ.get("NPR_PROFILE", "default"))
+    ui.add_argument("--home", default=os.environ.get("NPR_HOME", ".npr"))
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--dagster-port", type=int, default=3000)
+    ui.add_argument("--mlflow-port", type=int, default=5000)
+    ui.set_defaults(func=cmd_ui)
     args = parser.parse_args(argv)
     return args.func(args)
 

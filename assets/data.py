@@ -7,14 +7,15 @@ import dagster as dg
 import pandas as pd
 from dagster import AssetExecutionContext
 
+from npr_pipelines.eval.benchmarks import REGISTRY, benchmark_uri, load_benchmark
 from npr_pipelines.toy.problems import TEST, TRAIN, generate_problems
 from npr_pipelines.toy.profiles import get_profile
 from resources import PipelineSettings
 
-#: Benchmarks the pipeline knows (static partitions of ``benchmark_scores``). The toy held-out split is
+#: Every registered benchmark is a static partition of ``benchmark_scores``; the toy held-out split is
 #: what the embedded default evaluates on.
 TOY_BENCHMARK = "toy_test"
-BENCHMARKS = dg.StaticPartitionsDefinition([TOY_BENCHMARK])
+BENCHMARKS = dg.StaticPartitionsDefinition(sorted(REGISTRY))
 
 
 def frame_version(df: pd.DataFrame) -> str:
@@ -40,12 +41,34 @@ def train_problems(context: AssetExecutionContext, settings: PipelineSettings) -
 
 @dg.asset(group_name="data", kinds={"parquet"}, code_version="1")
 def benchmarks(context: AssetExecutionContext, settings: PipelineSettings) -> dg.Output[pd.DataFrame]:
-    """Held-out benchmark problems, one ``benchmark`` column per registered benchmark."""
+    """Held-out problems with a ``benchmark`` column: the toy test split, plus every registered
+    benchmark whose file exists under ``settings.benchmark_root`` (local directory or ``s3://``)."""
     profile = get_profile(settings.profile)
-    df = _problems_frame(TEST, profile.eval.n_problems, settings.seed, profile)
-    df.insert(0, "benchmark", TOY_BENCHMARK)
+    frames = [
+        _problems_frame(TEST, profile.eval.n_problems, settings.seed, profile).assign(benchmark=TOY_BENCHMARK)
+    ]
+    missing = []
+    if settings.benchmark_root:
+        import fsspec
+
+        for name, spec in sorted(REGISTRY.items()):
+            if spec.file is None:
+                continue
+            uri = benchmark_uri(name, settings.benchmark_root)
+            fs, path = fsspec.core.url_to_fs(uri)
+            if not fs.exists(path):
+                missing.append(name)
+                continue
+            problems = load_benchmark(name, uri=uri)
+            frames.append(pd.DataFrame([asdict(p) for p in problems]).assign(benchmark=name))
+    df = pd.concat(frames, ignore_index=True)[["benchmark", "id", "question", "answer", "source"]]
+    counts = df.benchmark.value_counts().to_dict()
     return dg.Output(
         df,
         data_version=dg.DataVersion(frame_version(df)),
-        metadata={"n_problems": len(df), "benchmarks": dg.MetadataValue.json(sorted(df.benchmark.unique()))},
+        metadata={
+            "n_problems": len(df),
+            "benchmarks": dg.MetadataValue.json(counts),
+            "not_found": dg.MetadataValue.json(missing),
+        },
     )

@@ -14,6 +14,7 @@ from dagster import AssetExecutionContext
 
 from assets.common import CHECKPOINTS, numeric_metadata, read_checkpoint, run_key, run_on_ray
 from assets.data import BENCHMARKS
+from npr_pipelines.eval.benchmarks import get_benchmark
 from npr_pipelines.toy.profiles import get_profile
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
 
@@ -80,7 +81,7 @@ def benchmark_scores(
     ev = profile.eval
     eval_kwargs = dict(
         n_samples=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
-        seed=ev.seed,
+        seed=ev.seed, answer_type=get_benchmark(bench).answer_type,
     )  # fmt: skip
     rows = benchmarks[benchmarks.benchmark == bench]
     if rows.empty:

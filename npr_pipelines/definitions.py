@@ -26,7 +26,10 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
         schedules=[retrain_schedule],
         sensors=[checkpoint_sensor, train_problems_changed],
         resources={
-            "settings": PipelineSettings(profile=profile or os.environ.get("NPR_PROFILE", "default")),
+            "settings": PipelineSettings(
+                profile=profile or os.environ.get("NPR_PROFILE", "default"),
+                benchmark_root=os.environ.get("NPR_BENCHMARK_DIR", ""),
+            ),
             "storage": StorageResource(),
             "mlflow": MlflowResource(),
             "ray": RayResource(address=os.environ.get("NPR_RAY_ADDRESS", "")),

@@ -1,0 +1,149 @@
+"""Rollouts for the RL driver: requests with derived seeds, scoring, the structural filter, rewards.
+
+Every sampling seed is a pure function of ``(run seed, step, generation batch, prompt slot, sample)``
+so that a resumed run regenerates exactly the rollouts an uninterrupted run would have produced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from npr_pipelines.data import Problem
+from npr_pipelines.engine import Engine, EngineOutput, LogitsHook, Request, SamplingParams, TokenCodec
+from npr_pipelines.eval.runner import SampleRecord, score_output
+from npr_pipelines.rl import get_reward, overlong_penalty
+from npr_pipelines.structure import TagVocab, format_score_v1
+
+#: Why a rollout was dropped before training (``None`` = kept).
+DROP_UNCLEAN_FINISH = "unclean_finish"  # truncated, budget, malformed fork, ... (FinishReason not clean)
+DROP_LAYOUT = "layout"  # the trainer's layout of the ids disagrees with what the engine executed
+
+#: ``factory(problem, sample) -> hook or None``: constrains decoding of one rollout (tests script
+#: structure with it; see ``engine.testing.ScriptHook``). Log-probs stay the model's own.
+HookFactory = Callable[[Problem, int], LogitsHook | None]
+
+
+def rollout_seed(seed: int, *parts: int | str) -> int:
+    """A 63-bit sampling seed derived from the run seed and the rollout's coordinates."""
+    text = ":".join(str(p) for p in (seed, *parts))
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") >> 1
+
+
+@dataclass
+class Rollout:
+    """One sampled response and everything the step needs to know about it.
+
+    ``group`` identifies the prompt within the step (unique across generation batches).
+    """
+
+    problem: Problem
+    group: int
+    sample: int
+    prompt_ids: list[int]
+    output: EngineOutput
+    record: SampleRecord
+    v1_score: float
+    reward: float = 0.0
+    dropped: str | None = None
+
+    @property
+    def response_len(self) -> int:
+        return len(self.output.response_ids)
+
+
+def structural_failure(out: EngineOutput, tags: TagVocab | None, codec: TokenCodec) -> str | None:
+    """PAPO's rollout filter (``method.md`` §4.4, V4): why ``out`` must not be trained on, or None.
+
+    A rollout fails when the engine did not end it cleanly (length/budget truncation, a refused or
+    malformed fork, a nested guideline, ...) or, in parallel mode, when the layout the trainer
+    derives from the ids differs from what the engine executed (the log-probs would be recomputed in
+    contexts the policy never sampled in).
+    """
+    if not out.finish_reason.is_clean:
+        return DROP_UNCLEAN_FINISH
+    if out.mode == "parallel" and tags is not None and out.structure_errors(tags, codec.decode):
+        return DROP_LAYOUT
+    return None
+
+
+def generate_rollouts(
+    engine: Engine,
+    codec: TokenCodec,
+    tags: TagVocab | None,
+    problems: Sequence[Problem],
+    prompt_ids: Sequence[Sequence[int]],
+    params: SamplingParams,
+    *,
+    group_size: int,
+    seed: int,
+    step: int,
+    gen_batch: int,
+    group_offset: int,
+    drop_structural_failures: bool,
+    logits_hook: HookFactory | None = None,
+) -> list[Rollout]:
+    """``group_size`` rollouts per problem in one engine call, scored; structural failures marked.
+
+    Args:
+        problems: the prompts of this generation batch, in order.
+        prompt_ids: their token ids.
+        params: sampling settings; the seed is replaced per rollout.
+        group_offset: group id of ``problems[0]`` (groups are numbered across generation batches).
+    """
+    requests = []
+    for j, (problem, ids) in enumerate(zip(problems, prompt_ids, strict=True)):
+        for k in range(group_size):
+            sp = replace(params, seed=rollout_seed(seed, step, gen_batch, j, k))
+            hook = logits_hook(problem, k) if logits_hook is not None else None
+            requests.append(Request(f"s{step}-b{gen_batch}-p{j}-r{k}", list(ids), sp, logits_hook=hook))
+    outputs = engine.generate(requests)
+    rollouts = []
+    for j, (problem, ids) in enumerate(zip(problems, prompt_ids, strict=True)):
+        for k in range(group_size):
+            out = outputs[j * group_size + k]
+            record = score_output(problem, k, out, codec)
+            rollouts.append(
+                Rollout(
+                    problem=problem,
+                    group=group_offset + j,
+                    sample=k,
+                    prompt_ids=list(ids),
+                    output=out,
+                    record=record,
+                    v1_score=format_score_v1(record.text) if record.text else 0.0,
+                    dropped=structural_failure(out, tags, codec) if drop_structural_failures else None,
+                )
+            )
+    return rollouts
+
+
+def assign_rewards(
+    rollouts: Sequence[Rollout],
+    reward: str,
+    *,
+    max_new_tokens: int,
+    overlong_buffer: int = 0,
+    overlong_penalty_factor: float = 1.0,
+) -> torch.Tensor:
+    """Set ``rollout.reward`` with the registered reward (+ DAPO's soft overlong penalty); ``[B]``."""
+    if not rollouts:
+        return torch.zeros(0)
+    correct = torch.tensor([r.record.correct for r in rollouts], dtype=torch.bool)
+    scores = torch.tensor([r.v1_score for r in rollouts], dtype=torch.float32)
+    empty = torch.tensor([r.record.text == "" for r in rollouts], dtype=torch.bool)
+    rewards = get_reward(reward)(correct=correct, format_scores=scores, empty=empty).float()
+    if overlong_buffer > 0:
+        lengths = torch.tensor([r.response_len for r in rollouts])
+        rewards = rewards + overlong_penalty(
+            lengths,
+            max_response_length=max_new_tokens,
+            overlong_buffer=overlong_buffer,
+            penalty_factor=overlong_penalty_factor,
+        )
+    for r, value in zip(rollouts, rewards.tolist(), strict=True):
+        r.reward = float(value)
+    return rewards

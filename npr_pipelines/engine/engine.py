@@ -14,6 +14,7 @@ with ``KV_CAPACITY``.
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
 from collections import deque
@@ -36,17 +37,36 @@ class EngineConfig:
     block_size: int = 16
     max_running: int = 256  # requests decoded concurrently
     admission_watermark: int = 8  # free blocks kept beyond a new prompt's own when admitting it
-    small_query_max: int = 32  # rows with at most this many query tokens share one attention call
-    check_invariants: bool = False  # verify the KV bookkeeping after every step (tests)
+    small_query_max: int = 8  # requests with at most this many query tokens in a step attend together
+    check_invariants: bool = False  # verify the KV bookkeeping (and the views) after every step (tests)
+    pack_weights: bool | None = None  # transposed/fused weight copies (model.py; None: models <= 1 GiB)
 
 
 @dataclass
 class EngineStats:
+    """Counters since the engine was built (``reset_peaks`` restarts the peaks).
+
+    ``peak_kv_tokens_held`` is the peak of blocks in use x block size; ``peak_kv_tokens_unshared`` the
+    peak of what the live tables would hold as private copies (each rounded up to whole blocks), i.e.
+    without prefix sharing. ``peak_view_tokens``: the most tokens held in per-stream views at once.
+    """
+
     steps: int = 0
     prefill_tokens: int = 0
     decode_tokens: int = 0
     preemptions: int = 0
     peak_blocks_used: int = 0
+    peak_kv_tokens_held: int = 0
+    peak_kv_tokens_unshared: int = 0
+    peak_view_tokens: int = 0
+    requests_finished: int = 0
+
+    def reset_peaks(self) -> None:
+        self.peak_blocks_used = self.peak_kv_tokens_held = self.peak_kv_tokens_unshared = 0
+        self.peak_view_tokens = 0
+
+
+_keys = itertools.count()
 
 
 @dataclass(eq=False)  # identity semantics: held in lists and compared by `is`/`in`
@@ -56,9 +76,13 @@ class _Active:
     arrival: float
     flow: RequestFlow
     preemptions: int = 0
-    tables: dict[int, KVTable] = field(default_factory=dict)  # id(stream) -> its table
-    kv_base: dict[int, int] = field(default_factory=dict)  # id(stream) -> table length before its tokens
+    tables: dict[int, KVTable] = field(default_factory=dict)  # stream uid -> its table
+    kv_base: dict[int, int] = field(default_factory=dict)  # stream uid -> table length before its tokens
     generators: dict[int, torch.Generator] = field(default_factory=dict)
+    active: list[Stream] = field(default_factory=list)  # streams holding a table, in creation order
+    pending: list[Stream] = field(default_factory=list)  # streams still without a table
+    preempted: bool = False
+    key: int = field(default_factory=lambda: next(_keys))  # this incarnation's KV view
     first_token: float | None = None
     prefill: int = 0
     decode: int = 0
@@ -79,7 +103,11 @@ class Engine:
         self.tags = tags
         self.pool = BlockPool(self.config.num_blocks, self.config.block_size)
         self.model = PagedQwen3(
-            model, self.config.num_blocks, self.config.block_size, self.config.small_query_max
+            model,
+            self.config.num_blocks,
+            self.config.block_size,
+            self.config.small_query_max,
+            pack_weights=self.config.pack_weights,
         )
         self.stats = EngineStats()
         self._waiting: deque[_Active] = deque()
@@ -131,8 +159,17 @@ class Engine:
         for a in self._running:
             yield from a.tables.values()
 
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
     def check(self) -> None:
         check_invariants(self.pool, self.tables())
+        self.model.check_views()
         if not self._running and self.pool.num_free != self.pool.num_blocks:
             raise AssertionError(
                 f"{self.pool.num_blocks - self.pool.num_free} blocks held with nothing running"
@@ -145,16 +182,26 @@ class Engine:
         for a in list(self._running):
             if a.flow.check_budgets() is Event.FINISHED:
                 self._finish(a)
-        work = [(a, s) for a in self._running for s in a.flow.streams if s.fed < len(s.tokens)]
+        work = [(a, s) for a in self._running for s in a.active if s.fed < len(s.tokens)]
         if work:
             self._run(work)
         self.stats.steps += 1
-        self.stats.peak_blocks_used = max(
-            self.stats.peak_blocks_used, self.pool.num_blocks - self.pool.num_free
-        )
+        self._track_memory()
         if self.config.check_invariants:
             self.check()
+        if not self._running:
+            self.model.trim()
         return self._drain()
+
+    def _track_memory(self) -> None:
+        st, pool = self.stats, self.pool
+        used = pool.num_blocks - pool.num_free
+        st.peak_blocks_used = max(st.peak_blocks_used, used)
+        st.peak_kv_tokens_held = max(st.peak_kv_tokens_held, used * pool.block_size)
+        unshared = sum(pool.blocks_for(len(a.tables[s.uid])) for a in self._running for s in a.active)
+        st.peak_kv_tokens_unshared = max(st.peak_kv_tokens_unshared, unshared * pool.block_size)
+        st.peak_view_tokens = max(st.peak_view_tokens, self.model.peak_view_tokens)
+        self.model.peak_view_tokens = 0
 
     def _drain(self) -> list[EngineOutput]:
         out, self._done = self._done, []
@@ -168,6 +215,7 @@ class Engine:
                 return
             self._waiting.popleft()
             self._running.append(a)
+            a.pending.append(a.flow.streams[0])
             status = self._sync(a)
             if status == "failed":
                 self._finish(a)
@@ -175,41 +223,55 @@ class Engine:
                 return
 
     def _run(self, work: list[tuple[_Active, Stream]]) -> None:
-        dev = self.model.device
-        rows, samplers = [], []
+        rows: list[Row] = []
+        samplers: list[SampleRow] = []
+        sampled: list[tuple[_Active, Stream]] = []
         for a, s in work:
-            table = a.tables[id(s)]
-            rows.append(Row(table.slots_tensor(dev), s.unfed, s.unfed_positions, s.live))
-            if s.live:
-                samplers.append(SampleRow(a.request.params, self._generator(a, s), s, a.request.logits_hook))
-        logits = self.model.forward(self.model.build(rows))
-        tokens, logprobs = sample(logits, samplers) if samplers else ([], [])
-
-        for a, s in work:
-            n = len(s.tokens) - s.fed
-            n_inserted = sum(s.inserted[s.fed :])  # prompt and engine-inserted tokens
+            fed = s.fed
+            rows.append(
+                Row(
+                    a.key,
+                    s.uid,
+                    s.kind is StreamKind.BRANCH,
+                    a.tables[s.uid],
+                    s.tokens[fed:],
+                    s.positions[fed:],
+                    s.live,
+                )
+            )
+            n = len(s.tokens) - fed
+            n_inserted = n if n == 1 and s.inserted[-1] else sum(s.inserted[fed:])  # prompt + inserted
             a.prefill += n_inserted
             a.decode += n - n_inserted
             self.stats.prefill_tokens += n_inserted
             self.stats.decode_tokens += n - n_inserted
+            if s.live:
+                samplers.append(SampleRow(a.request.params, self._generator(a, s), s, a.request.logits_hook))
+                sampled.append((a, s))
+        logits = self.model.forward(rows)
+        for _, s in work:
             s.fed = len(s.tokens)
+        tokens, logprobs = sample(logits, samplers) if samplers else ([], [])
 
         now = time.perf_counter()
-        by_request: dict[int, list[tuple[Stream, int, float]]] = {}
-        live = [(a, s) for a, s in work if s.live]
-        for (a, s), tok, lp in zip(live, tokens, logprobs, strict=True):
-            by_request.setdefault(id(a), []).append((s, tok, lp))
-        for a in list(self._running):
-            if a not in self._running:  # preempted while an earlier request grew
+        touched: list[_Active] = []
+        for (a, s), tok, lp in zip(sampled, tokens, logprobs, strict=True):
+            if not touched or touched[-1] is not a:
+                touched.append(a)
+                if a.first_token is None:
+                    a.first_token = now
+            if a.flow.finished or not s.live:
                 continue
-            sampled = by_request.get(id(a), [])
-            if sampled and a.first_token is None:
-                a.first_token = now
-            for s, tok, lp in sampled:
-                if a.flow.finished:
-                    break
-                if s.live:
-                    a.flow.accept(s, tok, lp)
+            event = a.flow.accept(s, tok, lp)
+            if event is Event.FORK:
+                a.pending.extend(a.flow.blocks[-1].branches)
+            elif event is Event.JOIN:
+                cont = a.flow.blocks[-1].continuation
+                assert cont is not None
+                a.pending.append(cont)
+        for a in list(self._running):
+            if a.preempted:  # by an earlier request that grew
+                continue
             status = "finished" if a.flow.finished else self._sync(a)
             if status in ("finished", "failed"):
                 self._finish(a)
@@ -218,11 +280,11 @@ class Engine:
 
     # ----------------------------------------------------------------- KV tables
     def _generator(self, a: _Active, s: Stream) -> torch.Generator:
-        g = a.generators.get(id(s))
+        g = a.generators.get(s.uid)
         if g is None:
             g = torch.Generator(device="cpu")
             g.manual_seed(stream_seed(a.seed, s.path))
-            a.generators[id(s)] = g
+            a.generators[s.uid] = g
         return g
 
     def _sync(self, a: _Active) -> str:
@@ -248,51 +310,58 @@ class Engine:
                     return "preempted"
 
     def _sync_once(self, a: _Active) -> None:
-        flow = a.flow
-        for s in flow.streams:
-            key = id(s)
-            table = a.tables.get(key)
-            if table is not None and table.released:
-                continue
-            if table is None:
-                table = self._new_table(a, s)
-            want = a.kv_base[key] + len(s.tokens)
+        # Existing tables first: a fork's branch tables copy the trunk's WITH its </guideline> slot, a
+        # join's table concatenates branch tables WITH their </step> slots.
+        for s in a.active:
+            table = a.tables[s.uid]
+            want = a.kv_base[s.uid] + len(s.tokens)
             if len(table) < want:
                 table.append(want - len(table))
+        for s in a.pending:
+            if s.uid not in a.tables:
+                self._new_table(a, s)
+                a.active.append(s)
+            table = a.tables[s.uid]
+            want = a.kv_base[s.uid] + len(s.tokens)
+            if len(table) < want:
+                table.append(want - len(table))
+        a.pending.clear()
 
     def _new_table(self, a: _Active, s: Stream) -> KVTable:
         flow = a.flow
         if s.kind is StreamKind.BRANCH:
-            parent = a.tables[id(flow.blocks[s.path[0]].trunk)]
+            parent = a.tables[flow.blocks[s.path[0]].trunk.uid]
             table = parent.fork()
         elif s.path == (0,):
             table = KVTable(self.pool)
         else:
             block = flow.blocks[s.path[0] - 1]
-            parts = [(a.tables[id(block.branches[0])], 0)]
-            parts += [(a.tables[id(b)], a.kv_base[id(b)]) for b in block.branches[1:]]
+            parts = [(a.tables[block.branches[0].uid], 0)]
+            parts += [(a.tables[b.uid], a.kv_base[b.uid]) for b in block.branches[1:]]
             table = KVTable.concat(self.pool, parts)
-        a.tables[id(s)] = table
-        a.kv_base[id(s)] = len(table)
+        a.tables[s.uid] = table
+        a.kv_base[s.uid] = len(table)
         return table
 
     def _release_unneeded(self, a: _Active) -> None:
-        for s in a.flow.streams:
-            table = a.tables.get(id(s))
-            if (
-                table is not None
-                and not table.released
-                and not s.live
-                and s.fed == len(s.tokens)
-                and not a.flow.awaiting_join(s)
-            ):
-                table.release()
+        """Release the tables of streams with nothing left to run that no later stream will read."""
+        keep = []
+        for s in a.active:
+            if not s.live and s.fed == len(s.tokens) and not a.flow.awaiting_join(s):
+                a.tables[s.uid].release()
+                continue
+            keep.append(s)
+        a.active = keep
 
     def _release_all(self, a: _Active) -> None:
         for table in a.tables.values():
             table.release()
+        self.model.release(a.key)
+        a.active = []
+        a.pending = []
 
     def _preempt(self, a: _Active) -> None:
+        a.preempted = True
         self._release_all(a)
         self._running.remove(a)
         fresh = _Active(a.request, a.seed, a.arrival, RequestFlow(a.request, self.codec, self.tags))
@@ -302,6 +371,7 @@ class Engine:
 
     # ----------------------------------------------------------------- results
     def _finish(self, a: _Active) -> None:
+        self.stats.requests_finished += 1
         self._release_all(a)
         if a in self._running:
             self._running.remove(a)

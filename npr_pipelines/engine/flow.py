@@ -19,6 +19,7 @@ Rules (DESIGN.md "Trigger", engine.md §4.1):
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -39,6 +40,8 @@ from npr_pipelines.structure import (
     split_number,
     step_header_ids,
 )
+
+_uids = itertools.count()
 
 
 class StreamKind(Enum):
@@ -65,6 +68,8 @@ class Stream:
     live: bool = True  # still samples tokens
     finish: FinishReason | None = None
     number: str = ""  # the plan number (branches)
+    n_sampled: int = 0  # tokens this stream sampled (not inserted, not prompt)
+    uid: int = field(default_factory=lambda: next(_uids))  # process-unique: keys the stream's KV view
 
     @property
     def unfed(self) -> list[int]:
@@ -83,6 +88,8 @@ class Stream:
         self.positions.append(position)
         self.logprobs.append(logprob)
         self.inserted.append(logprob is None)
+        if logprob is not None:
+            self.n_sampled += 1
 
     def end(self, reason: FinishReason) -> None:
         self.live = False

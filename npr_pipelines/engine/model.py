@@ -1,160 +1,553 @@
-"""A Qwen3 forward over a paged KV pool, using the weights (and norms, MLPs, rotary embedding) of a
-Hugging Face ``Qwen3ForCausalLM``.
+"""A Qwen3 forward over a paged KV pool and per-request KV views, using the weights (and rotary
+embedding) of a Hugging Face ``Qwen3ForCausalLM``.
 
 One call runs every query token of a step, whatever stream it belongs to: prompt prefills, inserted
 headers, the KV-only ``</guideline>``/``</step>`` of a fork or join, and one sampled token per live
-stream. Per layer, all new K/V are written to their slots first, then each row attends over the slots
-of its stream's table, so a row may read KV written in the same step by another row (a branch header
-reads its fork's ``</guideline>``; a ``<takeaway>`` reads every branch's ``</step>``).
+stream.
+
+Storage.
+
+* The paged pool (``[slots, n_kv_heads, head_dim]`` per layer, addressed by the engine's refcounted
+  ``KVTable`` slots) is the KV store the engine's memory accounting manages: forks share prefix
+  blocks, joins concatenate slot lists, nothing is ever copied there.
+* Attention reads a *view* instead, because gathering every row's scattered slots into a dense
+  ``[R, H, K, D]`` tensor on every step and layer costs as much as the attention itself. Each running
+  request owns one lane of a dense per-layer tensor ``[lanes, n_kv_heads, capacity, head_dim]``, and
+  every token the request runs through the model is appended to it, whatever stream it belongs to:
+  the lane holds the request's KV once, in the order the tokens were computed (siblings interleave).
+  A fork or a join therefore copies nothing here either. Which keys a query may read is a mask: a
+  trunk query (prompt, guideline, takeaway, answer) sees every earlier key of its lane; a branch query
+  sees the keys written before its block forked (``shared_end``) and its own branch's keys (the lane's
+  ``owner`` array records, per key, the branch stream that wrote it). That is exactly the layout rule:
+  a step sees the prefix and itself, the takeaway and everything after it see all branches.
+* Lanes ``[0, n)`` are the running requests, kept compact (a finished request's lane is refilled by
+  the last one), so attention runs over the slice ``lanes[:n, :, :K]`` without copying. Queries of
+  one KV group are stacked (``[n, n_kv, group * Q, D]``), which is the fastest grouped-query attention
+  on the CPU. A lane with more than ``small_query_max`` queries in a step (a prompt prefill, a fork's
+  headers) attends in a call of its own, so one wide lane does not pad every other lane's queries.
+
+The views cost memory equal to the pool's (each running request's KV once); ``check_views`` verifies
+that they hold what the pool holds.
+
+Weights are read live from the module; derived copies (q/k/v and gate/up concatenated, all projection
+weights transposed, which makes CPU GEMMs of a few rows about twice as fast) are rebuilt whenever a
+weight is modified in place or replaced, and only made for models up to ``PACK_MAX_BYTES``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+from npr_pipelines.engine.kv_cache import KVTable
+
+#: Keep transposed/concatenated copies of the projection weights for models up to this size.
+PACK_MAX_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
 class Row:
-    """One stream's queries in a step: the last ``len(tokens)`` entries of ``kv_slots``."""
+    """One stream's queries in a step: the last ``len(tokens)`` slots of ``table``.
 
-    kv_slots: torch.Tensor  # [L] int64: the stream's whole KV view, the queries' own slots last
+    Rows of one request must be passed consecutively, in the request's stream order (a trunk segment
+    before the branches it forks, the branches before the continuation that joins them).
+    """
+
+    lane: int  # the request's identity (its view)
+    stream: int  # the stream's identity (owner of its keys in the view)
+    branch: bool  # a branch stream: sees only the fork's prefix and its own keys
+    table: KVTable  # the stream's whole context, this step's tokens last
     tokens: Sequence[int]
     positions: Sequence[int]
     sample: bool  # whether the last query's logits are needed
 
 
 @dataclass(frozen=True)
-class _Group:
-    """Rows attended together: queries padded to ``[R, Q]``, keys to ``[R, K]``."""
+class _Packed:
+    key: tuple  # (data_ptr, version) of the weights they were built from
+    qk_norm: torch.Tensor  # [n_heads + n_kv, D]: q_norm's weight per query head, then k_norm's per KV head
+    qkv_t: torch.Tensor | None  # [hidden, (n_heads + 2 n_kv) D]
+    o_t: torch.Tensor | None  # [n_heads D, hidden]
+    gate_up_t: torch.Tensor | None  # [hidden, 2 intermediate]
+    down_t: torch.Tensor | None  # [intermediate, hidden]
 
-    q_index: torch.Tensor  # [R, Q] int64 into the step's flat tokens (0 where padded)
-    q_valid: torch.Tensor  # [R, Q] bool
-    kv_slots: torch.Tensor  # [R, K] int64 (0 where padded)
-    mask: torch.Tensor  # [R, 1, Q, K] additive float: 0 allowed, dtype min blocked
 
-
-@dataclass(frozen=True)
-class Batch:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    write_slots: torch.Tensor  # [T]
-    groups: tuple[_Group, ...]
-    sample_index: torch.Tensor  # [S] indices into T whose logits are returned
+@dataclass
+class _Lane:
+    index: int
+    length: int = 0  # keys held
+    shared_end: int = 0  # keys written by trunk streams so far: what the current block's branches see
+    slots: list[int] = field(default_factory=list)  # the pool slot of every key (``check_views``)
 
 
 class PagedQwen3:
-    """Owns the KV tensors ``[num_blocks, block_size, n_kv_heads, head_dim]`` per layer."""
+    """The forward, the pool tensors and the per-request views."""
 
-    def __init__(self, model: torch.nn.Module, num_blocks: int, block_size: int, small_query_max: int = 32):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        num_blocks: int,
+        block_size: int,
+        small_query_max: int = 8,
+        *,
+        pack_weights: bool | None = None,
+        initial_view_capacity: int = 256,
+    ):
         cfg = model.config
         if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
             raise NotImplementedError("sliding-window Qwen3 layers are not supported by the paged forward")
         # No .eval(): the caller's module (maybe shared with a trainer) keeps its mode; this forward
-        # has no dropout path, and it reads the live weights on every call (no copies).
+        # has no dropout path.
         self.hf = model
         self.config = cfg
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
+        self.group = self.n_heads // self.n_kv
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.head_dim**-0.5
         self.small_query_max = small_query_max
+        self.block_size = block_size
         self.num_slots = num_blocks * block_size
-        shape = (num_blocks, block_size, self.n_kv, self.head_dim)
-        layers = cfg.num_hidden_layers
-        self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
-        self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(layers)]
+        self.n_layers = cfg.num_hidden_layers
+        shape = (self.num_slots, self.n_kv, self.head_dim)
+        self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.v_pool = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        if pack_weights is None:
+            pack_weights = sum(p.numel() * p.element_size() for p in model.parameters()) <= PACK_MAX_BYTES
+        self.pack = pack_weights
+        self.fuse = pack_weights and self._fusable()
+        layers = model.model.layers
+        self._qk_eps = layers[0].self_attn.q_norm.variance_epsilon
+        if any(
+            lyr.self_attn.q_norm.variance_epsilon != self._qk_eps
+            or lyr.self_attn.k_norm.variance_epsilon != self._qk_eps
+            for lyr in layers
+        ):
+            raise NotImplementedError("q_norm and k_norm must share one epsilon")
+        self._packed: list[_Packed | None] = [None] * self.n_layers
+        self._slots = self._weight_slots()
+        self._lm: tuple[tuple, torch.Tensor] | None = None
+        self._rope_cache: tuple[torch.Tensor, torch.Tensor] | None = None
+        rope_type = (getattr(cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+        self._rope_cacheable = rope_type in ("default", "linear")
+        self._initial_cap = initial_view_capacity
+        self._lanes: dict[int, _Lane] = {}
+        self._lane_keys: list[int] = []  # lane index -> request key
+        self.k_view: list[torch.Tensor] = []
+        self.v_view: list[torch.Tensor] = []
+        self.owner = torch.empty(0)
+        self._alloc_views(8, initial_view_capacity)
+        self.peak_view_tokens = 0
+
+    # ----------------------------------------------------------------- weights
+    def _fusable(self) -> bool:
+        if getattr(self.config, "hidden_act", "") != "silu":
+            return False
+        for layer in self.hf.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)
+            if any(
+                type(lin) is not torch.nn.Linear or lin.bias is not None for lin in (*linears, mlp.down_proj)
+            ):
+                return False
+        return True
+
+    def _weight_slots(self) -> list[list[dict]]:
+        """Per layer, the ``_parameters`` dicts holding the weights the packed copies derive from.
+
+        Reading ``d["weight"]`` follows a replaced parameter and costs a dict lookup; going through
+        ``module.weight`` (``nn.Module.__getattr__``) on every step would cost more than the packing saves.
+        """
+        slots = []
+        for layer in self.hf.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            mods = [attn.q_norm, attn.k_norm]
+            if self.fuse:
+                mods += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj]
+                mods += [mlp.down_proj]
+            slots.append([m._parameters for m in mods])
+        return slots
+
+    def _layer_weights(self) -> list[_Packed]:
+        """Derived per-layer weights, rebuilt for a layer whose weights were modified in place (an
+        optimizer step, ``load_state_dict``: the version changes) or replaced (the pointer changes)."""
+        out = []
+        for i, dicts in enumerate(self._slots):
+            ws = [d["weight"] for d in dicts]
+            key = tuple((w.data_ptr(), w._version) for w in ws)
+            prev = self._packed[i]
+            if prev is None or prev.key != key:
+                prev = self._packed[i] = self._pack(ws, key)
+            out.append(prev)
+        return out
+
+    def _pack(self, ws: list[torch.Tensor], key: tuple) -> _Packed:
+        with torch.no_grad():
+            qk_norm = torch.cat([ws[0].expand(self.n_heads, -1), ws[1].expand(self.n_kv, -1)]).contiguous()
+            if not self.fuse:
+                return _Packed(key, qk_norm, None, None, None, None)
+            return _Packed(
+                key,
+                qk_norm,
+                torch.cat(ws[2:5]).t().contiguous(),
+                ws[5].t().contiguous(),
+                torch.cat(ws[6:8]).t().contiguous(),
+                ws[8].t().contiguous(),
+            )
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        head = self.hf.lm_head
+        if not self.pack or getattr(head, "bias", None) is not None:
+            return head(h).float()
+        w = head.weight
+        key = (w.data_ptr(), w._version)
+        if self._lm is None or self._lm[0] != key:
+            self._lm = (key, w.detach().t().contiguous())
+        return torch.mm(h, self._lm[1]).float()
+
+    def _rope(self, positions: torch.Tensor, h: torch.Tensor, need: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and signed sin ``[T, 1, head_dim]`` for ``positions [T]``.
+
+        ``x * cos + roll(x, D/2) * sin_signed`` equals HF's ``x * cos + rotate_half(x) * sin`` exactly
+        (``sin_signed`` negates the first half). RoPE is elementwise in the position, so a cached table
+        gives the same values as computing them per step.
+        """
+        rotary = self.hf.model.rotary_emb
+        half = self.head_dim // 2
+        if self._rope_cacheable:
+            cache = self._rope_cache
+            if cache is None or cache[0].shape[0] < need or cache[0].dtype != h.dtype:
+                n = max(need, 2 * (cache[0].shape[0] if cache is not None else 512))
+                cos, sin = rotary(h[None], torch.arange(n, device=self.device)[None])
+                cache = self._rope_cache = (cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1))
+            cos, sin = cache[0].index_select(0, positions), cache[1].index_select(0, positions)
+        else:
+            cos, sin = rotary(h[None], positions[None])
+            cos, sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)
+        return cos[:, None], sin[:, None]
+
+    # ----------------------------------------------------------------- views
+    def _alloc_views(self, lanes: int, capacity: int) -> None:
+        """(Re)allocate the views, keeping the content of the lanes in use."""
+        shape = (lanes, self.n_kv, capacity, self.head_dim)
+        old_k, old_v, old_owner = self.k_view, self.v_view, self.owner
+        self.k_view = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.v_view = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        self.owner = torch.full((lanes, capacity), -1, dtype=torch.long, device=self.device)
+        if old_k and self._lane_keys:
+            n = min(len(self._lane_keys), old_k[0].shape[0])  # lanes past the old count are still empty
+            keep = min(capacity, old_k[0].shape[2])
+            for new, old in ((self.k_view, old_k), (self.v_view, old_v)):
+                for i in range(self.n_layers):
+                    new[i][:n, :, :keep] = old[i][:n, :, :keep]
+            self.owner[:n, :keep] = old_owner[:n, :keep]
+
+    @property
+    def view_lanes(self) -> int:
+        return len(self._lane_keys)
+
+    def view_bytes(self) -> int:
+        """Memory allocated for views (all layers, K and V)."""
+        return 2 * sum(t.numel() * t.element_size() for t in self.k_view)
+
+    def view_tokens(self) -> int:
+        return sum(lane.length for lane in self._lanes.values())
+
+    def release(self, key: int) -> None:
+        """Drop request ``key``'s view; the last lane moves into its place so that lanes stay ``[0, n)``."""
+        lane = self._lanes.pop(key, None)
+        if lane is None:
+            return
+        last = len(self._lane_keys) - 1
+        if lane.index != last:
+            moved_key = self._lane_keys[last]
+            moved = self._lanes[moved_key]
+            n = moved.length
+            for views in (self.k_view, self.v_view):
+                for t in views:
+                    t[lane.index, :, :n] = t[last, :, :n]
+            self.owner[lane.index, :n] = self.owner[last, :n]
+            moved.index = lane.index
+            self._lane_keys[lane.index] = moved_key
+        self.owner[last].fill_(-1)
+        self._lane_keys.pop()
+
+    def trim(self) -> None:
+        """Give view memory back (down to the initial size) when no request holds a view."""
+        if not self._lane_keys and (
+            self.k_view[0].shape[2] > self._initial_cap or self.k_view[0].shape[0] > 8
+        ):
+            self._alloc_views(8, self._initial_cap)
+
+    @torch.no_grad()
+    def check_views(self) -> None:
+        """Raise ``AssertionError`` unless every view holds exactly the pool's K/V of its keys' slots."""
+        for lane in self._lanes.values():
+            if not lane.length:
+                continue
+            idx = torch.tensor(lane.slots, dtype=torch.long, device=self.device)
+            for pool, views in ((self.k_pool, self.k_view), (self.v_pool, self.v_view)):
+                for i in range(self.n_layers):
+                    view = views[i][lane.index, :, : lane.length].transpose(0, 1)  # [L, n_kv, D]
+                    if not torch.equal(view, pool[i].index_select(0, idx)):
+                        raise AssertionError(f"lane {lane.index}: view differs from the pool (layer {i})")
+
+    # ----------------------------------------------------------------- the step
+    @torch.no_grad()
+    def forward(self, rows: Sequence[Row]) -> torch.Tensor:
+        """Logits ``[S, V]`` (float32) of the sampling rows, in the order they appear in ``rows``.
+
+        Writes every query's K/V to its pool slot and to its request's view.
+        """
+        dev = self.device
+        lanes = self._lanes
+        by_lane: dict[int, list[Row]] = {}
+        for r in rows:
+            group = by_lane.get(r.lane)
+            if group is None:
+                by_lane[r.lane] = [r]
+                if r.lane not in lanes:
+                    lanes[r.lane] = _Lane(len(self._lane_keys))
+                    self._lane_keys.append(r.lane)
+            else:
+                group.append(r)
+        n = len(self._lane_keys)
+        need = max(lanes[k].length + sum(len(r.tokens) for r in rs) for k, rs in by_lane.items())
+        cur_lanes, cap = self.k_view[0].shape[0], self.k_view[0].shape[2]
+        if n > cur_lanes or need > cap:
+            while cap < need:
+                cap *= 2
+            self._alloc_views(cur_lanes if n <= cur_lanes else max(2 * cur_lanes, n), cap)
+
+        # --- flat token order = lane order, each lane's rows (and each row's tokens) contiguous
+        ids: list[int] = []
+        pos: list[int] = []
+        write: list[int] = []
+        dst: list[int] = []  # lane * cap + key index of every token
+        owned_dst: list[int] = []  # keys written by branch streams ...
+        owned_by: list[int] = []  # ... and their stream
+        lane_q: list[tuple[int, int]] = []  # per lane: (first token, number of queries)
+        q_base: list[int] = []  # per token: keys [0, base) visible
+        q_uid: list[int] = []  # per token: its branch stream (-2 for trunk queries: owns nothing)
+        q_key: list[int] = []  # per token: its own key index in the lane
+        kv_len: list[int] = []
+        sample_tok: list[int] = []
+        sample_order: list[int] = []
+        row_index = {id(r): i for i, r in enumerate(rows)}
+        only_trunk = True
+        for li, key in enumerate(self._lane_keys):
+            lane = lanes[key]
+            t_lane = len(ids)
+            for r in by_lane.get(key, ()):
+                m = len(r.tokens)
+                t0 = len(ids)
+                p0 = lane.length
+                ids.extend(r.tokens)
+                pos.extend(r.positions)
+                slots = r.table.slots
+                new_slots = slots[len(slots) - m :]
+                write.extend(new_slots)
+                lane.slots.extend(new_slots)
+                base = li * cap + p0
+                dst.extend(range(base, base + m))
+                q_key.extend(range(p0, p0 + m))
+                lane.length = p0 + m
+                if r.branch:
+                    only_trunk = False
+                    owned_dst.extend(range(base, base + m))
+                    owned_by.extend([r.stream] * m)
+                    q_base.extend([lane.shared_end] * m)
+                    q_uid.extend([r.stream] * m)
+                else:
+                    q_base.extend(range(p0 + 1, p0 + m + 1))
+                    q_uid.extend([-2] * m)
+                    lane.shared_end = lane.length
+                if r.sample:
+                    sample_tok.append(t0 + m - 1)
+                    sample_order.append(row_index[id(r)])
+            lane_q.append((t_lane, len(ids) - t_lane))
+            kv_len.append(max(1, lane.length))
+        t = len(ids)
+        self.peak_view_tokens = max(self.peak_view_tokens, sum(kv_len))
+
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        write_slots = torch.tensor(write, dtype=torch.long, device=dev)
+        hkv, d, g = self.n_kv, self.head_dim, self.group
+        # A view's flat row for (lane, head, key) is (lane * n_kv + head) * cap + key.
+        dst_t = torch.tensor(dst, dtype=torch.long, device=dev)
+        head_off = torch.arange(hkv, device=dev) * cap
+        view_dst = ((dst_t // cap * (hkv * cap) + dst_t % cap)[:, None] + head_off[None, :]).reshape(-1)
+        if owned_dst:
+            self.owner.view(-1).index_copy_(
+                0,
+                torch.tensor(owned_dst, dtype=torch.long, device=dev),
+                torch.tensor(owned_by, dtype=torch.long, device=dev),
+            )
+
+        # --- which lanes attend together, and their masks. "simple": one trunk query per lane (pure
+        # decode, the mask is just each lane's length); "uniform": every lane has the same number of
+        # queries (a request's branches decoding), no gather; else queries are gathered and padded.
+        k_max = max(kv_len)
+        counts = {nq for _, nq in lane_q}
+        wide = [li for li, (_, nq) in enumerate(lane_q) if nq > self.small_query_max]
+        mode = "gather"
+        if not wide and len(counts) == 1:
+            mode = "simple" if only_trunk and counts == {1} else "uniform"
+        kv_len_t = torch.tensor(kv_len, dtype=torch.long, device=dev)
+        qtensors = None
+        if mode != "simple":
+            qtensors = torch.tensor([q_base, q_uid, q_key], dtype=torch.long, device=dev)
+        if mode == "simple":
+            keys = torch.arange(k_max, device=dev)
+            mask = _additive((keys[None, :] < kv_len_t[:, None])[:, None, None], self.dtype)  # [n, 1, 1, K]
+        elif mode == "uniform":
+            assert qtensors is not None
+            q_max = t // n
+            base, uid, qkey = qtensors.view(3, n, q_max).unbind(0)
+            allowed = _visible(base, uid, qkey, self.owner[:n, :k_max])  # [n, Q, K]
+            mask = _additive(allowed[:, None].repeat(1, 1, g, 1), self.dtype)  # rows: (group member, query)
+        else:
+            assert qtensors is not None
+            q_max = max([1] + [nq for _, nq in lane_q if nq <= self.small_query_max])
+            gather, valid = [], []
+            for t0, nq in lane_q:
+                if nq > self.small_query_max:
+                    nq = 0
+                gather.extend(range(t0, t0 + nq))
+                gather.extend([0] * (q_max - nq))
+                valid.extend([True] * nq + [False] * (q_max - nq))
+            gather_t = torch.tensor(gather, dtype=torch.long, device=dev)
+            valid_t = torch.tensor(valid, dtype=torch.bool, device=dev).view(n, q_max)
+            picked = qtensors.index_select(1, gather_t).view(3, n, q_max)
+            # Padded queries (and lanes without small queries) see all their lane's keys; discarded.
+            base = torch.where(valid_t, picked[0], kv_len_t[:, None])
+            uid = torch.where(valid_t, picked[1], -2)
+            qkey = torch.where(valid_t, picked[2], 0)
+            allowed = _visible(base, uid, qkey, self.owner[:n, :k_max])  # [n, Qmax, K]
+            mask = _additive(allowed[:, None].repeat(1, 1, g, 1), self.dtype)  # rows: (group member, query)
+            scatter = gather_t[valid_t.view(-1)]
+            out_rows = valid_t.view(-1).nonzero().squeeze(1)
+        wide_masks = []
+        for li in wide:
+            t0, nq = lane_q[li]
+            assert qtensors is not None
+            sel = qtensors[:, t0 : t0 + nq, None].unbind(0)  # each [nq, 1]
+            ok = _visible(*(x.T for x in sel), self.owner[li : li + 1, : kv_len[li]])  # [1, nq, K]
+            wide_masks.append(_additive(ok[:, None], self.dtype))
+
+        # --- the layers
+        inner = self.hf.model
+        h = inner.embed_tokens(input_ids)  # [T, hidden]
+        cos, sin = self._rope(positions, h, max(pos) + 1)  # [T, 1, D]
+        weights = self._layer_weights()
+        hq = self.n_heads * d
+        hk = hkv * d
+        n_qk = self.n_heads + hkv
+        half = d // 2
+        eps = self._qk_eps
+        for i, layer in enumerate(inner.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            pw = weights[i]
+            x = _rms(layer.input_layernorm, h)
+            if pw.qkv_t is not None:
+                qkv = torch.mm(x, pw.qkv_t)
+                qk = qkv[:, : hq + hk].view(t, n_qk, d)
+                v = qkv[:, hq + hk :].view(t, hkv, d)
+            else:
+                qk = torch.cat([attn.q_proj(x), attn.k_proj(x)], dim=-1).view(t, n_qk, d)
+                v = attn.v_proj(x).view(t, hkv, d)
+            # q_norm and k_norm in one op (per-head RMS; the weights are stacked per head)
+            if qk.dtype == torch.float32:
+                qk = F.rms_norm(qk, (d,), None, eps) * pw.qk_norm
+            else:
+                qk = F.rms_norm(qk.float(), (d,), None, eps).to(qk.dtype) * pw.qk_norm
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)
+            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
+            self.k_pool[i].index_copy_(0, write_slots, k)
+            self.v_pool[i].index_copy_(0, write_slots, v)
+            kv, vv = self.k_view[i], self.v_view[i]
+            kv.view(-1, d).index_copy_(0, view_dst, k.reshape(-1, d))
+            vv.view(-1, d).index_copy_(0, view_dst, v.reshape(-1, d))
+            kview, vview = kv[:n, :, :k_max], vv[:n, :, :k_max]  # [n, n_kv, K, D], no copy
+            if mode == "simple":
+                og = F.scaled_dot_product_attention(
+                    q.view(n, hkv, g, d), kview, vview, attn_mask=mask, scale=self.scaling
+                )
+                out = og.reshape(t, hq)
+            elif mode == "uniform":
+                qg = q.view(n, q_max, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(n, hkv, g * q_max, d)
+                og = F.scaled_dot_product_attention(qg, kview, vview, attn_mask=mask, scale=self.scaling)
+                out = og.view(n, hkv, g, q_max, d).permute(0, 3, 1, 2, 4).reshape(t, hq)
+            else:
+                qg = q.index_select(0, gather_t).view(n, q_max, hkv, g, d).permute(0, 2, 3, 1, 4)
+                og = F.scaled_dot_product_attention(
+                    qg.reshape(n, hkv, g * q_max, d), kview, vview, attn_mask=mask, scale=self.scaling
+                )
+                og = og.view(n, hkv, g, q_max, d).permute(0, 3, 1, 2, 4).reshape(n * q_max, hq)
+                out = torch.empty(t, hq, dtype=q.dtype, device=dev)
+                out.index_copy_(0, scatter, og.index_select(0, out_rows))
+                for li, wm in zip(wide, wide_masks, strict=True):
+                    t0, nq = lane_q[li]
+                    ol = F.scaled_dot_product_attention(
+                        q[t0 : t0 + nq].transpose(0, 1)[None],
+                        kv[li : li + 1, :, : kv_len[li]],
+                        vv[li : li + 1, :, : kv_len[li]],
+                        attn_mask=wm,
+                        scale=self.scaling,
+                        enable_gqa=True,
+                    )
+                    out[t0 : t0 + nq] = ol[0].transpose(0, 1).reshape(nq, hq)
+            if pw.o_t is not None:
+                h = h + torch.mm(out, pw.o_t)
+                gate, up = torch.mm(_rms(layer.post_attention_layernorm, h), pw.gate_up_t).chunk(2, dim=-1)
+                h = h + torch.mm(F.silu(gate) * up, pw.down_t)
+            else:
+                h = h + attn.o_proj(out)
+                h = h + mlp(_rms(layer.post_attention_layernorm, h))
+        if not sample_tok:
+            return torch.empty(0, self.vocab_size, device=dev)
+        if len(sample_tok) != t:
+            h = h.index_select(0, torch.tensor(sample_tok, dtype=torch.long, device=dev))
+        logits = self._logits(_rms(inner.norm, h))
+        if sample_order != sorted(sample_order):
+            perm = sorted(range(len(sample_order)), key=sample_order.__getitem__)
+            logits = logits.index_select(0, torch.tensor(perm, dtype=torch.long, device=dev))
+        return logits
 
     @property
     def vocab_size(self) -> int:
         return self.hf.get_output_embeddings().weight.shape[0]
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.config.num_hidden_layers * self.n_kv * self.head_dim * self.k_cache[0].element_size()
+        return 2 * self.n_layers * self.n_kv * self.head_dim * self.k_pool[0].element_size()
 
-    # ----------------------------------------------------------------- batch building
-    def build(self, rows: Sequence[Row]) -> Batch:
-        dev = self.device
-        ids, pos, slots, sample = [], [], [], []
-        offsets = []
-        for r in rows:
-            n = len(r.tokens)
-            assert 0 < n <= len(r.kv_slots)
-            offsets.append(len(ids))
-            ids.extend(r.tokens)
-            pos.extend(r.positions)
-            if r.sample:
-                sample.append(len(ids) - 1)
-        slot_parts = [r.kv_slots[-len(r.tokens) :] for r in rows]
-        small = [i for i, r in enumerate(rows) if len(r.tokens) <= self.small_query_max]
-        large = [[i] for i, r in enumerate(rows) if len(r.tokens) > self.small_query_max]
-        groups = [
-            self._group([rows[i] for i in g], [offsets[i] for i in g])
-            for g in ([small] if small else []) + large
-        ]
-        slots = torch.cat(slot_parts).to(dev)
-        return Batch(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(pos, dtype=torch.long, device=dev),
-            write_slots=slots,
-            groups=tuple(groups),
-            sample_index=torch.tensor(sample, dtype=torch.long, device=dev),
-        )
 
-    def _group(self, rows: Sequence[Row], offsets: Sequence[int]) -> _Group:
-        dev = self.device
-        n_q = torch.tensor([len(r.tokens) for r in rows], device=dev)
-        n_kv = torch.tensor([len(r.kv_slots) for r in rows], device=dev)
-        q_max = int(n_q.max())
-        j = torch.arange(q_max, device=dev)
-        q_valid = j[None, :] < n_q[:, None]
-        q_index = torch.where(q_valid, torch.tensor(offsets, device=dev)[:, None] + j[None, :], 0)
-        kv_slots = torch.nn.utils.rnn.pad_sequence([r.kv_slots.to(dev) for r in rows], batch_first=True)
-        # Query j of a row sees its stream's first (n_kv - n_q + j + 1) slots; padded queries see slot 0
-        # only (their output is discarded; this just avoids an all-blocked softmax).
-        visible = torch.where(q_valid, n_kv[:, None] - n_q[:, None] + j[None, :] + 1, 1)
-        allowed = torch.arange(kv_slots.shape[1], device=dev)[None, None, :] < visible[:, :, None]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=dev)
-        mask.masked_fill_(~allowed, torch.finfo(self.dtype).min)
-        return _Group(q_index, q_valid, kv_slots, mask[:, None])
+def _visible(base: torch.Tensor, uid: torch.Tensor, qkey: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+    """``[n, Q, K]`` bool: key j is visible to a query iff j < base, or the query's branch wrote key j
+    at or before the query's own key (``base/uid/qkey [n, Q]``, ``owner [n, K]``)."""
+    j = torch.arange(owner.shape[1], device=owner.device)
+    shared = j[None, None, :] < base[:, :, None]
+    own = (owner[:, None, :] == uid[:, :, None]) & (j[None, None, :] <= qkey[:, :, None])
+    return shared | own
 
-    # ----------------------------------------------------------------- forward
-    @torch.no_grad()
-    def forward(self, batch: Batch) -> torch.Tensor:
-        """Logits ``[S, V]`` (float32) at ``batch.sample_index``; writes every query's K/V to its slot."""
-        inner = self.hf.model
-        t = batch.input_ids.shape[0]
-        h = inner.embed_tokens(batch.input_ids)  # [T, hidden]
-        cos, sin = inner.rotary_emb(h[None], batch.positions[None])  # [1, T, head_dim] each
-        cos, sin = cos[0], sin[0]
-        for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_norm(attn.q_proj(x).view(t, self.n_heads, self.head_dim))
-            k = attn.k_norm(attn.k_proj(x).view(t, self.n_kv, self.head_dim))
-            v = attn.v_proj(x).view(t, self.n_kv, self.head_dim)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-            k_flat = self.k_cache[i].view(self.num_slots, self.n_kv, self.head_dim)
-            v_flat = self.v_cache[i].view(self.num_slots, self.n_kv, self.head_dim)
-            k_flat[batch.write_slots] = k
-            v_flat[batch.write_slots] = v
-            out = torch.empty_like(q)
-            for g in batch.groups:
-                qg = q[g.q_index].transpose(1, 2)  # [R, H, Q, D]
-                kg = k_flat[g.kv_slots].transpose(1, 2)  # [R, Hkv, K, D]
-                vg = v_flat[g.kv_slots].transpose(1, 2)
-                og = F.scaled_dot_product_attention(
-                    qg, kg, vg, attn_mask=g.mask, scale=self.scaling, enable_gqa=True
-                )
-                og = og.transpose(1, 2)  # [R, Q, H, D]
-                out[g.q_index[g.q_valid]] = og[g.q_valid]
-            h = h + attn.o_proj(out.reshape(t, -1))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = inner.norm(h[batch.sample_index])
-        return self.hf.lm_head(h).float()
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    zero = torch.zeros((), dtype=dtype, device=allowed.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` for a Qwen3 RMSNorm (same math: float32 statistics, then the weight)."""
+    w = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", None)
+    if w is None or eps is None or type(norm).__name__ != "Qwen3RMSNorm":
+        return norm(x)
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), w, eps)
+    return w * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)

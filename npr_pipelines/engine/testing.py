@@ -111,12 +111,16 @@ class ScriptHook:
         self.script = script
         self.after = after
 
-    def __call__(self, stream: Stream, logits: torch.Tensor) -> torch.Tensor:
+    def forced_token(self, stream: Stream) -> int | None:
+        """The token ``stream`` must sample next (None: sample freely)."""
         tokens = self.script.get(stream.path)
         if tokens is None:
-            return logits
-        n = sum(1 for ins in stream.inserted[stream.n_prompt :] if not ins)
-        forced = tokens[n] if n < len(tokens) else self.after
+            return None
+        n = stream.n_sampled
+        return tokens[n] if n < len(tokens) else self.after
+
+    def __call__(self, stream: Stream, logits: torch.Tensor) -> torch.Tensor:
+        forced = self.forced_token(stream)
         if forced is None:
             return logits
         out = torch.full_like(logits, float("-inf"))

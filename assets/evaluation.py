@@ -13,6 +13,7 @@ import pandas as pd
 from dagster import AssetExecutionContext
 
 from assets.common import CHECKPOINTS, numeric_metadata, read_checkpoint, run_key, run_on_ray
+from assets.configs import profile_prompt
 from assets.data import BENCHMARKS
 from npr_pipelines.eval.benchmarks import get_benchmark
 from npr_pipelines.toy.profiles import get_profile
@@ -32,7 +33,7 @@ STAGE_MODES: dict[str, tuple[str, ...]] = {
 
 
 def _evaluate(
-    model_dir: str, problems: list[dict], modes: tuple[str, ...], eval_kwargs: dict, threads: int
+    model_dir: str, problems: list[dict], modes: tuple[str, ...], eval_kwargs: dict, prompt, threads: int
 ) -> dict:
     """Ray task body: load the checkpoint and evaluate it in each mode."""
     import torch
@@ -48,7 +49,7 @@ def _evaluate(
     out: dict[str, Any] = {}
     for mode in modes:
         cfg = EvalConfig(mode=mode, **eval_kwargs)
-        records, wall = evaluate_problems(model, tokenizer, probs, cfg)
+        records, wall = evaluate_problems(model, tokenizer, probs, cfg, prompt)
         summary = summarize(records)
         summary["wall_time_s"] = wall
         summary["tokens_per_s"] = sum(r.total_tokens for r in records) / wall if wall else None
@@ -97,6 +98,7 @@ def benchmark_scores(
         problems,
         modes,
         eval_kwargs,
+        profile_prompt(profile),
         ray.training_cpus(),
         num_cpus=ray.training_cpus(),
     )

@@ -22,7 +22,14 @@ MAIN_JOB = dg.define_asset_job("main", selection=dg.AssetSelection.assets(*STAGE
 EVAL_JOB = dg.define_asset_job("evaluate", selection=dg.AssetSelection.assets(benchmark_scores))
 
 #: Stage name -> the asset whose output references its final checkpoint.
-STAGE_OUTPUTS: dict[str, str] = {"base": "base_model"}
+STAGE_OUTPUTS: dict[str, str] = {
+    "base": "base_model",
+    "npr_zero": "npr_zero_policy",
+    "npr_beta": "npr_beta_checkpoint",
+    "npr": "npr_policy",
+    "sr_beta": "sr_beta_checkpoint",
+    "sr": "sr_policy",
+}
 
 #: Console logging at INFO: progress stays visible without Dagster's per-event DEBUG lines.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}

@@ -9,6 +9,7 @@ the checkpoint sensor turns into ``benchmark_scores`` partitions; the asset also
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,6 @@ from assets.common import (
 )
 from npr_pipelines.data import Problem
 from npr_pipelines.storage import Storage
-from npr_pipelines.toy.cache import to_json
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
 
 
@@ -46,8 +46,8 @@ def local_model_dir(settings: PipelineSettings, storage: Storage, ref: Mapping[s
     return path
 
 
-def _stage_task(driver: Callable[..., Any], args: tuple, workdir: str, storage_uri: str, stage: str, key: str,
-                run_id: str, threads: int) -> dict[str, Any]:  # fmt: skip
+def _stage_task(driver: Callable[..., Any], args: tuple, kwargs: dict, workdir: str, storage_uri: str, stage: str,
+                key: str, run_id: str, threads: int) -> dict[str, Any]:  # fmt: skip
     """Ray task body: run the driver, publishing each checkpoint as soon as it is written."""
     import torch
 
@@ -59,7 +59,7 @@ def _stage_task(driver: Callable[..., Any], args: tuple, workdir: str, storage_u
         record_checkpoint(storage, checkpoint_ref(stage=stage, step=step, uri=uri, data_version=version,
                                                   run_id=run_id))  # fmt: skip
 
-    result = driver(*args, Path(workdir), on_checkpoint=on_checkpoint)
+    result = driver(*args, workdir=Path(workdir), on_checkpoint=on_checkpoint, **kwargs)
     for step, path in result.checkpoints:  # a resumed run may hold checkpoints written before a crash
         on_checkpoint(step, path)
     return {
@@ -79,6 +79,7 @@ def run_training_stage(
     driver: Callable[..., Any],
     driver_args: Sequence[Any],
     config: Any,
+    driver_kwargs: Mapping[str, Any] | None = None,
     upstream: Sequence[Mapping[str, Any]],
     extra_versions: Sequence[str] = (),
     settings: PipelineSettings,
@@ -87,9 +88,9 @@ def run_training_stage(
     ray: RayResource,
     plot_keys: Sequence[str] = ("reward_mean", "accuracy", "loss"),
 ) -> dg.Output[dict]:
-    """Run ``driver(*driver_args, workdir, on_checkpoint=...)`` as a Ray task under an MLflow stage run
-    and return the reference to its final checkpoint."""
-    cfg = to_json(config) if dataclasses.is_dataclass(config) else dict(config)
+    """Run ``driver(*driver_args, workdir=..., on_checkpoint=..., **driver_kwargs)`` as a Ray task under
+    an MLflow stage run and return the reference to its final checkpoint."""
+    cfg = json.loads(json.dumps(dataclasses.asdict(config), default=str))
     versions = [u["data_version"] for u in upstream] + list(extra_versions)
     key = run_key(stage, cfg, versions)
     workdir = settings.home_dir() / "work" / stage / key
@@ -103,7 +104,8 @@ def run_training_stage(
         context.log.info(f"{stage}: run key {key}, workdir {workdir}, mlflow run {run.run_id}")
         ray.ensure()
         out = run_on_ray(
-            _stage_task, driver, tuple(driver_args), str(workdir), store.base_uri, stage, key, run.run_id,
+            _stage_task, driver, tuple(driver_args), dict(driver_kwargs or {}), str(workdir), store.base_uri,
+            stage, key, run.run_id,
             ray.training_cpus(), num_cpus=ray.training_cpus(),
         )  # fmt: skip
         for i, record in enumerate(out["history"]):

@@ -15,13 +15,14 @@ from assets.automation import checkpoint_sensor, retrain_schedule, train_problem
 from assets.checks import checkpoint_checks
 from assets.io_manager import NprIOManager
 from assets.jobs import EVAL_JOB, MAIN_JOB
+from assets.training import corpus_recheck
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
 
 
 def build_definitions(profile: str | None = None) -> dg.Definitions:
     return dg.Definitions(
         assets=ALL_ASSETS,
-        asset_checks=checkpoint_checks(CHECKPOINT_ASSETS),
+        asset_checks=[*checkpoint_checks(CHECKPOINT_ASSETS), corpus_recheck],
         jobs=[MAIN_JOB, EVAL_JOB],
         schedules=[retrain_schedule],
         sensors=[checkpoint_sensor, train_problems_changed],

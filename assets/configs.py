@@ -1,0 +1,58 @@
+"""Stage configs for a profile: the library drivers' typed configs with the profile's values applied.
+
+The drivers' defaults are the paper's values for real models; a toy profile overrides what a
+~1M-parameter model needs (``npr_pipelines.toy.profiles``). Each stage's config is also what its
+MLflow run logs and what its run key hashes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from npr_pipelines.tokenization import PromptConfig
+from npr_pipelines.toy.profiles import ToyProfile, get_profile
+from npr_pipelines.toy.tokenizer import TOY_PROMPT
+from npr_pipelines.training.distill import RejectionConfig
+from npr_pipelines.training.rl import RLConfig, npr_zero_config, papo_config, sr_config
+from npr_pipelines.training.sft import SFTConfig
+
+
+def _apply(config: Any, values: Any) -> Any:
+    """``config`` with every field of ``values`` whose name it has."""
+    data = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
+    names = {f.name for f in dataclasses.fields(config)}
+    kept = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
+    kept.pop("prompt", None)
+    return dataclasses.replace(config, **kept)
+
+
+def profile_prompt(profile: ToyProfile) -> PromptConfig:
+    del profile  # every built-in profile is a toy profile; a real-model profile uses NPR_INSTRUCTION
+    return TOY_PROMPT
+
+
+def stage_configs(profile_name: str, seed: int = 0) -> dict[str, Any]:
+    """Every stage's config for ``profile_name``: npr_zero, rejection, npr_beta, sr_beta, npr, sr."""
+    profile = get_profile(profile_name)
+    prompt = profile_prompt(profile)
+    npr_zero: RLConfig = (
+        npr_zero_config().with_stage_values(profile.npr_zero).replace(prompt=prompt, seed=seed)
+    )
+    papo: RLConfig = papo_config().with_stage_values(profile.papo).replace(prompt=prompt, seed=seed)
+    sr: RLConfig = (
+        sr_config().with_stage_values(profile.papo).replace(prompt=prompt, seed=seed, mode="sequential")
+    )
+    sft = dataclasses.replace(_apply(SFTConfig(), profile.parallel_sft), prompt=prompt, seed=seed)
+    rejection = dataclasses.replace(
+        _apply(RejectionConfig(), profile.rejection_sampling), prompt=prompt, seed=seed
+    )
+    return {
+        "npr_zero": npr_zero,
+        "rejection": rejection,
+        "rejection_problems": profile.rejection_sampling.n_problems,
+        "npr_beta": dataclasses.replace(sft, layout="parallel"),
+        "sr_beta": dataclasses.replace(sft, layout="sequential", sequential_share=0.0),
+        "npr": papo,
+        "sr": sr,
+    }

@@ -33,12 +33,18 @@ def npr_zero_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Stage 1: DAPO RL with sequential rollouts and the format-gated accuracy reward."""
-    config = stage_configs(settings.profile, settings.seed)["npr_zero"]
-    init = local_model_dir(settings, storage.get(), base_model)
+    return _rl_stage(context, "npr_zero", "npr_zero_policy", run_npr_zero, base_model, train_problems, settings,
+                     storage, mlflow, ray)  # fmt: skip
+
+
+def _rl_stage(context, stage: str, asset: str, driver, init_ref: dict, train_problems: pd.DataFrame, settings,
+              storage, mlflow, ray) -> dg.Output[dict]:  # fmt: skip
+    config = stage_configs(settings.profile, settings.seed)[stage]
+    init = local_model_dir(settings, storage.get(), init_ref)
     return run_training_stage(
-        context, stage="npr_zero", asset="npr_zero_policy", driver=run_npr_zero,
+        context, stage=stage, asset=asset, driver=driver,
         driver_args=(str(init), problems_of(train_problems)), driver_kwargs={"config": config}, config=config,
-        upstream=[base_model], extra_versions=[frame_version(train_problems)],
+        upstream=[init_ref], extra_versions=[frame_version(train_problems)],
         settings=settings, storage=storage, mlflow=mlflow, ray=ray,
     )  # fmt: skip
 
@@ -181,14 +187,8 @@ def npr_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Stage 3: PAPO with parallel rollouts in the NPR engine."""
-    config = stage_configs(settings.profile, settings.seed)["npr"]
-    init = local_model_dir(settings, storage.get(), npr_beta_checkpoint)
-    return run_training_stage(
-        context, stage="npr", asset="npr_policy", driver=run_papo,
-        driver_args=(str(init), problems_of(train_problems)), driver_kwargs={"config": config}, config=config,
-        upstream=[npr_beta_checkpoint], extra_versions=[frame_version(train_problems)],
-        settings=settings, storage=storage, mlflow=mlflow, ray=ray,
-    )  # fmt: skip
+    return _rl_stage(context, "npr", "npr_policy", run_papo, npr_beta_checkpoint, train_problems, settings,
+                     storage, mlflow, ray)  # fmt: skip
 
 
 @dg.asset(group_name="ablations", kinds={"pytorch", "ray"}, code_version="1", pool="compute")
@@ -202,14 +202,8 @@ def sr_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Ablation: PAPO's objective with sequential rollouts, from SR-Beta."""
-    config = stage_configs(settings.profile, settings.seed)["sr"]
-    init = local_model_dir(settings, storage.get(), sr_beta_checkpoint)
-    return run_training_stage(
-        context, stage="sr", asset="sr_policy", driver=run_sr,
-        driver_args=(str(init), problems_of(train_problems)), driver_kwargs={"config": config}, config=config,
-        upstream=[sr_beta_checkpoint], extra_versions=[frame_version(train_problems)],
-        settings=settings, storage=storage, mlflow=mlflow, ray=ray,
-    )  # fmt: skip
+    return _rl_stage(context, "sr", "sr_policy", run_sr, sr_beta_checkpoint, train_problems, settings, storage,
+                     mlflow, ray)  # fmt: skip
 
 
 @dg.asset_check(

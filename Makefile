@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run ui test test-fast lint fmt clean
+.PHONY: venv run ui bench test test-fast lint fmt clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,11 @@ run: $(STAMP)
 # Dagster UI on http://127.0.0.1:3000 and MLflow UI on http://127.0.0.1:5000, over the same .npr state.
 ui: $(STAMP)
 	$(PY) -m npr_pipelines.cli ui
+
+# Engine figures on the toy model (parallel vs sequential replay, vs transformers.generate, KV memory):
+# writes .npr/bench/engine.json.
+bench: $(STAMP)
+	$(PY) -m npr_pipelines.bench
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 
 from npr_pipelines.engine.flow import Stream
-from npr_pipelines.engine.types import TokenCodec
+from npr_pipelines.engine.types import EngineOutput, Mode, TokenCodec
 from npr_pipelines.structure import Tag, TagVocab, Trace, lex_text
 
 EOS_ID = 1
@@ -126,3 +126,27 @@ class ScriptHook:
         out = torch.full_like(logits, float("-inf"))
         out[forced] = 0.0
         return out
+
+
+def replay_script(out: EngineOutput, mode: Mode = "parallel") -> dict[tuple[int, ...], list[int]]:
+    """The script that makes the engine sample exactly ``out``'s response again (for ``ScriptHook``).
+
+    ``parallel``: per stream, the tokens it sampled (engine-inserted ones are inserted again);
+    ``sequential``: one stream sampling the whole flattened response, inserted tokens included.
+    """
+    p = out.prompt_len
+    if mode == "sequential":
+        return {(0,): list(out.response_ids)}
+    script: dict[tuple[int, ...], list[int]] = {}
+    trunk = 0
+    for seg in out.segments:
+        if seg.block is None:
+            path: tuple[int, ...] = (trunk,)
+            trunk += 1
+        else:
+            path = (seg.block, seg.branch)
+        lo, hi = max(seg.start, p) - p, seg.end - p
+        script[path] = [
+            t for t, ins in zip(out.response_ids[lo:hi], out.inserted[lo:hi], strict=True) if not ins
+        ]
+    return script

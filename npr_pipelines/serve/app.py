@@ -1,0 +1,252 @@
+"""The HTTP server: FastAPI routes over an ``EngineWorker``.
+
+Routes: ``POST /generate`` (``api.py``), ``GET /health``, ``GET /get_model_info``, ``GET /metrics``
+(Prometheus text; ``?format=json`` for JSON), ``POST /abort_request`` (``{"rid": ...}``).
+A full queue answers ``503`` with ``{"error": {"type": "queue_full", ...}}`` and ``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+
+from npr_pipelines.engine import Engine, EngineConfig, LogitsHook, TokenCodec
+from npr_pipelines.engine import Request as EngineRequest
+from npr_pipelines.serve.api import BadRequest, Prompt, format_output, parse_generate
+from npr_pipelines.serve.worker import EngineWorker, QueueFull, WorkerStopped
+from npr_pipelines.structure import TagVocab
+
+log = logging.getLogger(__name__)
+
+#: Test/embedding hook: ``prompt -> logits hook`` (never reachable over HTTP).
+HookFactory = Callable[[Prompt], LogitsHook | None]
+
+
+@dataclass
+class ServerState:
+    worker: EngineWorker
+    tokenize: Callable[[str], list[int]] | None
+    detokenize: Callable[[Sequence[int]], str] | None
+    vocab_size: int
+    model_info: dict[str, Any]
+    hook_factory: HookFactory | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def load_engine(
+    model_path: str | Path,
+    *,
+    device: str = "cpu",
+    dtype: str = "float32",
+    config: EngineConfig | None = None,
+) -> tuple[Engine, Any]:
+    """Model and tokenizer from a local directory (``from_pretrained``, ``trust_remote_code=False``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = str(model_path)
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), trust_remote_code=False
+    ).to(device)
+    model.eval()
+    try:
+        tags: TagVocab | None = TagVocab.from_tokenizer(tokenizer)
+    except ValueError:
+        tags = None  # the tags are not single tokens: sequential mode only
+        log.warning("%s has no NPR tag tokens: only mode='sequential' is served", path)
+    return Engine(model, TokenCodec.from_tokenizer(tokenizer), tags, config or EngineConfig()), tokenizer
+
+
+def create_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="npr serve", docs_url=None, redoc_url=None)
+    app.state.npr = state
+
+    def error(status: int, kind: str, message: str, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"type": kind, "message": message}}, status_code=status, headers=headers
+        )
+
+    @app.post("/generate")
+    async def generate(request: Request) -> Any:
+        try:
+            body = await request.json()
+        except ValueError:
+            return error(400, "bad_request", "the body is not valid JSON")
+        try:
+            prompts, batch = parse_generate(body, state.tokenize, state.vocab_size)
+        except BadRequest as exc:
+            return error(400, "bad_request", str(exc))
+        worker = state.worker
+        futures = []
+        try:
+            for p in prompts:
+                hook = state.hook_factory(p) if state.hook_factory is not None else None
+                futures.append(worker.submit(EngineRequest(p.rid, p.input_ids, p.params, logits_hook=hook)))
+        except QueueFull as exc:
+            for f in futures:  # a batch is all or nothing
+                f.cancel()
+            for p in prompts[: len(futures)]:
+                worker.abort(p.rid)
+            return error(503, "queue_full", str(exc), {"Retry-After": "1"})
+        except ValueError as exc:
+            return error(400, "bad_request", str(exc))
+        except WorkerStopped as exc:
+            return error(503, "unavailable", str(exc))
+        try:
+            outputs = await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+        except ValueError as exc:  # rejected by the engine (e.g. parallel mode without tags)
+            return error(400, "bad_request", str(exc))
+        except WorkerStopped as exc:
+            return error(503, "unavailable", str(exc))
+        except Exception as exc:
+            log.exception("generation failed")
+            return error(500, "engine_error", f"{type(exc).__name__}: {exc}")
+        results = [
+            format_output(out, p.return_logprob, state.detokenize)
+            for out, p in zip(outputs, prompts, strict=True)
+        ]
+        return JSONResponse(results if batch else results[0])
+
+    @app.get("/health")
+    async def health() -> Any:
+        if not state.worker.alive:
+            return error(503, "unavailable", "the engine thread is not running")
+        return {"status": "ok"}
+
+    @app.get("/get_model_info")
+    async def model_info() -> Any:
+        return state.model_info
+
+    @app.post("/abort_request")
+    async def abort_request(request: Request) -> Any:
+        body = await request.json()
+        rid = body.get("rid") if isinstance(body, dict) else None
+        if not isinstance(rid, str):
+            return error(400, "bad_request", "give the request's 'rid'")
+        state.worker.abort(rid)
+        return {"rid": rid, "status": "abort requested"}
+
+    @app.get("/metrics")
+    async def metrics(format: str = "prometheus") -> Any:
+        snap = state.worker.snapshot()
+        if format == "json":
+            return snap
+        return PlainTextResponse(prometheus_text(snap), media_type="text/plain; version=0.0.4")
+
+    return app
+
+
+_METRICS: tuple[tuple[str, str, str], ...] = (
+    # (snapshot key, type, help)
+    ("requests_submitted", "counter", "Requests accepted into the queue."),
+    ("requests_rejected", "counter", "Requests refused because the queue was full (HTTP 503)."),
+    ("requests_finished", "counter", "Requests that finished (any finish reason)."),
+    ("requests_failed", "counter", "Requests failed by an engine error."),
+    ("prompt_tokens", "counter", "Prompt tokens of finished requests."),
+    ("completion_tokens", "counter", "Flattened response tokens of finished requests (all branches)."),
+    ("decode_tokens", "counter", "Sampled tokens run through the model."),
+    ("engine_steps", "counter", "Engine scheduler steps."),
+    ("preemptions", "counter", "Requests preempted for KV memory (restarted later)."),
+    ("requests_running", "gauge", "Requests being decoded."),
+    ("queue_depth", "gauge", "Requests accepted but not running yet."),
+    ("max_queue", "gauge", "Queue capacity."),
+    ("kv_blocks_in_use", "gauge", "KV cache blocks held."),
+    ("kv_blocks_total", "gauge", "KV cache blocks in the pool."),
+    ("kv_view_tokens", "gauge", "Tokens held in the per-request attention views."),
+    ("kv_view_bytes", "gauge", "Bytes allocated for the attention views."),
+)
+
+
+def prometheus_text(snap: dict[str, Any]) -> str:
+    lines = []
+    for key, kind, text in _METRICS:
+        name = f"npr_{key}_total" if kind == "counter" else f"npr_{key}"
+        lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {snap[key]}"]
+    lines += [
+        "# HELP npr_finish_reason_total Finished requests by finish reason.",
+        "# TYPE npr_finish_reason_total counter",
+    ]
+    for reason, n in sorted(snap["finish_reasons"].items()):
+        lines.append(f'npr_finish_reason_total{{reason="{reason}"}} {n}')
+    return "\n".join(lines) + "\n"
+
+
+def build_state(
+    engine: Engine,
+    tokenizer: Any = None,
+    *,
+    max_queue: int = 256,
+    model_path: str = "",
+    hook_factory: HookFactory | None = None,
+    engine_factory: Callable[[], Engine] | None = None,
+) -> ServerState:
+    """Wrap ``engine`` (and optionally its tokenizer) in a running worker."""
+    worker = EngineWorker(engine, max_queue=max_queue, engine_factory=engine_factory)
+    tokenize = detokenize = None
+    if tokenizer is not None:
+        tokenize = lambda text: list(tokenizer(text)["input_ids"])  # noqa: E731
+        detokenize = lambda ids: tokenizer.decode(list(ids), skip_special_tokens=False)  # noqa: E731
+    hf = engine.model.hf
+    cfg = engine.config
+    info = {
+        "model_path": model_path,
+        "tokenizer_path": model_path if tokenizer is not None else None,
+        "is_generation": True,
+        "model_type": getattr(hf.config, "model_type", None),
+        "vocab_size": engine.model.vocab_size,
+        "dtype": str(engine.model.dtype).removeprefix("torch."),
+        "device": str(engine.model.device),
+        "modes": ["parallel", "sequential"] if engine.tags is not None else ["sequential"],
+        "tags": None if engine.tags is None else {t.value: i for t, i in engine.tags.ids.items()},
+        "eos_token_ids": sorted(engine.codec.eos_token_ids),
+        "max_queue": max_queue,
+        "engine": {
+            "num_blocks": cfg.num_blocks,
+            "block_size": cfg.block_size,
+            "max_running": cfg.max_running,
+            "kv_bytes_per_token": engine.model.kv_bytes_per_token(),
+        },
+    }
+    return ServerState(worker, tokenize, detokenize, engine.model.vocab_size, info, hook_factory)
+
+
+class ServerThread:
+    """Serve ``app`` with uvicorn in a background thread on an already bound socket (tests, notebooks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+        import uvicorn
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.host, self.port = self.sock.getsockname()[:2]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the server thread died while starting")
+            threading.Event().wait(0.01)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

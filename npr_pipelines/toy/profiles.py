@@ -1,0 +1,165 @@
+"""Toy profiles: every stage's knobs for the ~1M-parameter toy world.
+
+These are NOT the paper's values. The paper's settings (``spec/method.md``: NPR-Zero lr 1e-6, parallel
+SFT lr 1e-6, PAPO lr 1e-7, 32k-token responses, 16x16 rollouts) would not move a 1M-parameter model at
+all; ``PAPER`` keeps them for reference only. The toy values are starting points from
+``spec/toy-notes.md`` (RL at lr 1e-4 is stable, 2e-4 degrades, 5e-4 collapses; a fresh SFT needs ~2e-3)
+and are expected to be tuned by the stages that use them.
+
+Two profiles: ``default`` (the embedded ``make run``: minutes on 2 CPU cores) and ``small`` (a smaller
+model and a few steps per stage, for tests that must finish in seconds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from npr_pipelines.toy.bootstrap import BootstrapConfig, MixtureConfig, TrainConfig
+from npr_pipelines.toy.model import ModelConfig
+from npr_pipelines.toy.problems import ProblemConfig
+from npr_pipelines.toy.tokenizer import TokenizerConfig
+
+
+@dataclass(frozen=True)
+class RLStageConfig:
+    """An RL stage (NPR-Zero with sequential rollouts; PAPO with parallel rollouts)."""
+
+    lr: float
+    steps: int
+    prompts_per_step: int
+    group_size: int  # rollouts per prompt
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    mini_batches_per_step: int = 1  # optimiser steps per rollout batch
+    clip_ratio_low: float = 0.2  # DAPO clip-higher (NPR-Zero); PAPO is ratio-free
+    clip_ratio_high: float = 0.28
+    save_every: int = 0  # 0: final checkpoint only
+
+
+@dataclass(frozen=True)
+class RejectionSamplingConfig:
+    """Stage-2 self-distillation: at most ``max_tries`` samples per problem, first accepted one kept."""
+
+    max_tries: int
+    n_problems: int  # train-split problems offered to the sampler
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class SFTStageConfig:
+    """Parallel SFT (and the sequential SFT ablation) on the self-distilled corpus."""
+
+    lr: float
+    epochs: int
+    batch_size: int
+    max_length: int
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    max_steps: int | None = None  # cap on optimiser steps (None: epochs decide)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation of every checkpoint on the held-out toy split."""
+
+    n_problems: int
+    n_samples: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 320
+    seed: int = 0
+    batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class ToyProfile:
+    """Every knob of the embedded toy pipeline, stage by stage."""
+
+    name: str
+    bootstrap: BootstrapConfig
+    npr_zero: RLStageConfig
+    rejection_sampling: RejectionSamplingConfig
+    parallel_sft: SFTStageConfig
+    papo: RLStageConfig
+    eval: EvalConfig
+    train_problems: int  # size of the train_problems asset (drawn from the train split)
+    eval_split: str = "test"
+    notes: tuple[str, ...] = field(default=())
+
+
+DEFAULT = ToyProfile(
+    name="default",
+    bootstrap=BootstrapConfig(),
+    npr_zero=RLStageConfig(
+        lr=1e-4, steps=60, prompts_per_step=16, group_size=8, max_new_tokens=256, warmup_steps=5
+    ),
+    rejection_sampling=RejectionSamplingConfig(max_tries=8, n_problems=6000, max_new_tokens=320),
+    parallel_sft=SFTStageConfig(lr=2e-3, epochs=2, batch_size=32, max_length=512),
+    papo=RLStageConfig(
+        lr=5e-5, steps=40, prompts_per_step=16, group_size=8, max_new_tokens=320, mini_batches_per_step=1
+    ),
+    eval=EvalConfig(n_problems=300, n_samples=1),
+    train_problems=8000,
+    notes=(
+        "RL lrs follow toy-notes §4: 1e-4 is stable, 2e-4 degrades, 5e-4 collapses on this model.",
+        "Rejection sampling offers 6000 problems x <=8 tries; with the base model's few-percent valid "
+        "rate this needs NPR-Zero to raise the format first (toy-notes §5: it does within ~70 s).",
+    ),
+)
+
+SMALL = ToyProfile(
+    name="small",
+    bootstrap=BootstrapConfig(
+        problems=ProblemConfig(),
+        tokenizer=TokenizerConfig(vocab_size=320, corpus_problems=300),
+        model=ModelConfig(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            intermediate_size=64,
+        ),
+        mixture=MixtureConfig(parallel_share=0.3),
+        train=TrainConfig(steps=12, batch_size=16, warmup_steps=3, log_every=4),
+    ),
+    npr_zero=RLStageConfig(lr=1e-4, steps=2, prompts_per_step=4, group_size=4, max_new_tokens=64),
+    rejection_sampling=RejectionSamplingConfig(max_tries=2, n_problems=16, max_new_tokens=64, batch_size=32),
+    parallel_sft=SFTStageConfig(lr=2e-3, epochs=1, batch_size=4, max_length=256, max_steps=4),
+    papo=RLStageConfig(lr=5e-5, steps=2, prompts_per_step=4, group_size=4, max_new_tokens=64),
+    eval=EvalConfig(n_problems=8, n_samples=2, max_new_tokens=64, batch_size=16),
+    train_problems=64,
+    notes=("For tests: exercises every code path in seconds; its numbers mean nothing.",),
+)
+
+PROFILES: dict[str, ToyProfile] = {p.name: p for p in (DEFAULT, SMALL)}
+
+#: The paper's real-model values (``spec/method.md`` §2, §3, §4.8, §5.2), for reference and contrast.
+PAPER: dict[str, dict[str, float | int]] = {
+    "npr_zero": {"lr": 1e-6, "prompts_per_step": 32, "group_size": 16, "max_new_tokens": 30000},
+    "rejection_sampling": {"max_tries": 8, "max_new_tokens": 32768, "temperature": 1.0, "top_p": 1.0},
+    "parallel_sft": {"lr": 1e-6, "epochs": 1, "batch_size": 8, "max_length": 32768, "warmup_ratio": 0.05},
+    "papo": {"lr": 1e-7, "prompts_per_step": 16, "group_size": 16, "max_new_tokens": 30000},
+    "eval": {"n_samples": 8, "temperature": 1.0, "top_p": 0.7},
+}
+
+
+def get_profile(name: str = "default", **bootstrap_overrides) -> ToyProfile:
+    """A profile by name; keyword overrides replace top-level ``BootstrapConfig`` fields (e.g. ``seed``)."""
+    try:
+        profile = PROFILES[name]
+    except KeyError:
+        raise KeyError(f"unknown toy profile {name!r}; expected one of {sorted(PROFILES)}") from None
+    if bootstrap_overrides:
+        profile = replace(profile, bootstrap=replace(profile.bootstrap, **bootstrap_overrides))
+    return profile

@@ -127,8 +127,10 @@ def _chain(rng: random.Random, encode: Callable[[str], list[int]], lo: int, hi: 
         text, acc = nxt, res % 1000
 
 
-def make_traces(n: int, encode: Callable[[str], list[int]], seed: int = 0) -> list[Trace]:
-    """``n`` traces: 1-3 rounds of 2-5 plans; steps of 20-60 tokens; short plans and takeaways."""
+def make_traces(
+    n: int, encode: Callable[[str], list[int]], seed: int = 0, step_tokens: tuple[int, int] = (20, 60)
+) -> list[Trace]:
+    """``n`` traces: 1-3 rounds of 2-5 plans; steps of ``step_tokens`` tokens; short plans and takeaways."""
     rng = random.Random(seed)
     traces = []
     for _ in range(n):
@@ -136,7 +138,7 @@ def make_traces(n: int, encode: Callable[[str], list[int]], seed: int = 0) -> li
         for _ in range(rng.randint(1, 3)):
             k = rng.randint(2, 5)
             plans = [f"{rng.randint(2, 19)}*{rng.randint(2, 19)}" for _ in range(k)]
-            steps = [_chain(rng, encode, 20, 60) for _ in range(k)]
+            steps = [_chain(rng, encode, *step_tokens) for _ in range(k)]
             blocks.append((plans, steps, "add the products"))
         traces.append(Trace.build(blocks, f"{rng.randint(10, 999)}\n\\boxed{{{rng.randint(10, 999)}}}"))
     return traces
@@ -323,6 +325,7 @@ def run(
     new_tokens: int = 128,
     seed: int = 0,
     block_size: int = 16,
+    step_tokens: tuple[int, int] = (20, 60),
 ) -> dict:
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -339,7 +342,7 @@ def run(
     if bm is None:
         bm = random_model(max(n_traces, 16), seed)
     config = EngineConfig(num_blocks=4096, block_size=block_size)
-    traces = make_traces(n_traces, bm.codec.encode, seed)
+    traces = make_traces(n_traces, bm.codec.encode, seed, step_tokens)
 
     outputs, rec = record(bm, traces, config)
     total = sum(o.total_tokens for o in outputs)
@@ -399,6 +402,7 @@ def run(
         "continuous_batching": rec,
         "hf_generate": {"batch16": b16, "batch1": b1},
         "engine_config": {"num_blocks": config.num_blocks, "block_size": config.block_size},
+        "trace_shape": {"rounds": [1, 3], "plans": [2, 5], "step_tokens": list(step_tokens)},
         "load_average": {"before": load_before, "after": _load()},
         "bench_seconds": time.perf_counter() - t_start,
     }
@@ -412,9 +416,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--step-tokens", type=int, nargs=2, default=(20, 60), metavar=("MIN", "MAX"))
     ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = ap.parse_args(argv)
-    result = run(args.model, args.threads, args.traces, args.reps, args.new_tokens, args.seed)
+    result = run(
+        args.model,
+        args.threads,
+        args.traces,
+        args.reps,
+        args.new_tokens,
+        args.seed,
+        step_tokens=tuple(args.step_tokens),
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2))

@@ -84,6 +84,14 @@ class KVTable:
         """Slots for ``n`` new tokens: the last block while we alone hold it and it has room, else fresh."""
         assert not self.released
         pool, bs = self.pool, self.pool.block_size
+        if n == 1 and self.slots:  # the decode step's case, without the loop
+            last = self.slots[-1]
+            b = last // bs
+            nxt = last - b * bs + 1
+            if nxt < bs and pool.refcount[b] == 1 and pool.fill[b] == nxt:
+                pool.fill[b] = nxt + 1
+                self.slots.append(last + 1)
+                return [last + 1]
         out = []
         for _ in range(n):
             slot = None

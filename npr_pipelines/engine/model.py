@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,8 +49,7 @@ from npr_pipelines.engine.kv_cache import KVTable
 PACK_MAX_BYTES = 1 << 30
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     """One stream's queries in a step: the last ``len(tokens)`` slots of ``table``.
 
     Rows of one request must be passed consecutively, in the request's stream order (a trunk segment
@@ -306,18 +306,18 @@ class PagedQwen3:
         """
         dev = self.device
         lanes = self._lanes
-        by_lane: dict[int, list[Row]] = {}
-        for r in rows:
+        by_lane: dict[int, list[tuple[int, Row]]] = {}
+        for i, r in enumerate(rows):
             group = by_lane.get(r.lane)
             if group is None:
-                by_lane[r.lane] = [r]
+                by_lane[r.lane] = [(i, r)]
                 if r.lane not in lanes:
                     lanes[r.lane] = _Lane(len(self._lane_keys))
                     self._lane_keys.append(r.lane)
             else:
-                group.append(r)
+                group.append((i, r))
         n = len(self._lane_keys)
-        need = max(lanes[k].length + sum(len(r.tokens) for r in rs) for k, rs in by_lane.items())
+        need = max(lanes[k].length + sum(len(r.tokens) for _, r in rs) for k, rs in by_lane.items())
         cur_lanes, cap = self.k_view[0].shape[0], self.k_view[0].shape[2]
         if n > cur_lanes or need > cap:
             while cap < need:
@@ -338,13 +338,14 @@ class PagedQwen3:
         kv_len: list[int] = []
         sample_tok: list[int] = []
         sample_order: list[int] = []
-        row_index = {id(r): i for i, r in enumerate(rows)}
         only_trunk = True
+        one_each = True  # every row has a single query
         for li, key in enumerate(self._lane_keys):
             lane = lanes[key]
             t_lane = len(ids)
-            for r in by_lane.get(key, ()):
+            for i, r in by_lane.get(key, ()):
                 m = len(r.tokens)
+                one_each &= m == 1
                 t0 = len(ids)
                 p0 = lane.length
                 ids.extend(r.tokens)
@@ -369,7 +370,7 @@ class PagedQwen3:
                     lane.shared_end = lane.length
                 if r.sample:
                     sample_tok.append(t0 + m - 1)
-                    sample_order.append(row_index[id(r)])
+                    sample_order.append(i)
             lane_q.append((t_lane, len(ids) - t_lane))
             kv_len.append(max(1, lane.length))
         t = len(ids)
@@ -410,7 +411,7 @@ class PagedQwen3:
             assert qtensors is not None
             q_max = t // n
             base, uid, qkey = qtensors.view(3, n, q_max).unbind(0)
-            allowed = _visible(base, uid, qkey, self.owner[:n, :k_max])  # [n, Q, K]
+            allowed = _visible(base, uid, None if one_each else qkey, self.owner[:n, :k_max])  # [n, Q, K]
             mask = _additive(allowed[:, None].repeat(1, 1, g, 1), self.dtype)  # rows: (group member, query)
         else:
             assert qtensors is not None
@@ -528,13 +529,17 @@ class PagedQwen3:
         return 2 * self.n_layers * self.n_kv * self.head_dim * self.k_pool[0].element_size()
 
 
-def _visible(base: torch.Tensor, uid: torch.Tensor, qkey: torch.Tensor, owner: torch.Tensor) -> torch.Tensor:
+def _visible(
+    base: torch.Tensor, uid: torch.Tensor, qkey: torch.Tensor | None, owner: torch.Tensor
+) -> torch.Tensor:
     """``[n, Q, K]`` bool: key j is visible to a query iff j < base, or the query's branch wrote key j
-    at or before the query's own key (``base/uid/qkey [n, Q]``, ``owner [n, K]``)."""
+    at or before the query's own key (``base/uid/qkey [n, Q]``, ``owner [n, K]``). ``qkey=None``: each
+    branch has one query this step, its newest key, so "at or before" always holds."""
     j = torch.arange(owner.shape[1], device=owner.device)
-    shared = j[None, None, :] < base[:, :, None]
-    own = (owner[:, None, :] == uid[:, :, None]) & (j[None, None, :] <= qkey[:, :, None])
-    return shared | own
+    own = owner[:, None, :] == uid[:, :, None]
+    if qkey is not None:
+        own &= j[None, None, :] <= qkey[:, :, None]
+    return own.logical_or_(j[None, None, :] < base[:, :, None])
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -18,7 +18,7 @@ calling the hook does).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -26,8 +26,7 @@ from npr_pipelines.engine.flow import Stream, StreamKind
 from npr_pipelines.engine.types import LogitsHook, SamplingParams
 
 
-@dataclass(frozen=True)
-class SampleRow:
+class SampleRow(NamedTuple):
     params: SamplingParams
     generator: torch.Generator
     stream: Stream

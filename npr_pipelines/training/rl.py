@@ -51,6 +51,7 @@ from npr_pipelines.training.checkpoint import (
     read_state,
     save_checkpoint,
 )
+from npr_pipelines.training.result import StageResult
 from npr_pipelines.training.rl_rollout import HookFactory, Rollout, assign_rewards, generate_rollouts
 from npr_pipelines.training.strategy import OptimizerConfig, TorchStrategy, count_targets
 
@@ -196,17 +197,6 @@ def papo_config(**overrides: Any) -> RLConfig:
 def sr_config(**overrides: Any) -> RLConfig:
     """The sequential-RL ablation: PAPO's settings with sequential rollouts."""
     return papo_config(stage="sr", mode="sequential", branch_repetition_penalty=None).replace(**overrides)
-
-
-@dataclass
-class StageResult:
-    """What an RL stage produced. ``checkpoints``: ``(step, dir)`` oldest first; ``final_dir`` the last."""
-
-    final_dir: Path
-    final_step: int
-    checkpoints: list[tuple[int, Path]]
-    history: list[dict[str, Any]]
-    metrics: dict[str, Any]
 
 
 # ----------------------------------------------------------------------------------------- helpers

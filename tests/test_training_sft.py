@@ -138,3 +138,27 @@ def test_lr_schedule_warms_up_then_decays_to_the_floor() -> None:
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] > 0.1
     assert cfg.lr_at(100, 100) == pytest.approx(0.1)
+
+
+def test_group_by_length_packs_similar_lengths_and_stage_values_apply(base_dir, tmp_path) -> None:
+    from dataclasses import dataclass, replace
+
+    rows = corpus(4) + [
+        {**r, "problem_id": r["problem_id"] + "x", "question": r["question"] + " Show all work carefully."}
+        for r in corpus(4)
+    ]
+    cfg = replace(CFG, save_every=0, max_steps=8, epochs=4, batch_size=4)
+    plain = run_sft(base_dir, rows, cfg, tmp_path / "plain")
+    grouped = run_sft(base_dir, rows, replace(cfg, group_by_length=2), tmp_path / "grouped")
+    pad = lambda r: sum(h["padded_tokens"] - h["tokens"] for h in r.history)  # noqa: E731
+    assert pad(grouped) < pad(plain)
+    assert sum(h["tokens"] for h in grouped.history) == sum(h["tokens"] for h in plain.history)
+
+    @dataclass(frozen=True)
+    class Entry:  # shaped like a toy profile entry
+        lr: float = 5e-3
+        betas: tuple[float, float] = (0.9, 0.98)
+        n_problems: int = 3  # not an SFT field: ignored
+
+    applied = SFTConfig().with_stage_values(Entry())
+    assert (applied.lr, applied.betas, applied.batch_size) == (5e-3, (0.9, 0.98), 8)

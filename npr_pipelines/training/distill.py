@@ -97,6 +97,18 @@ class RejectionConfig:
     def result_key(self) -> dict[str, Any]:
         return {k: v for k, v in self.to_dict().items() if k not in self.RESULT_NEUTRAL}
 
+    def with_stage_values(self, values: Any) -> RejectionConfig:
+        """Overrides from another config object (e.g. a toy profile entry): every field of ``values``
+        whose name is a field here (same convention as ``RLConfig.with_stage_values``)."""
+        data = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
+        names = {f.name for f in dataclasses.fields(self)}
+        kept = {k: v for k, v in data.items() if k in names}
+        if isinstance(kept.get("prompt"), dict):
+            kept["prompt"] = PromptConfig(**kept["prompt"])
+        if isinstance(kept.get("betas"), list):
+            kept["betas"] = tuple(kept["betas"])
+        return dataclasses.replace(self, **kept)
+
 
 @dataclass
 class RejectionResult:

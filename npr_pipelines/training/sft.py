@@ -86,9 +86,8 @@ class SFTConfig:
     max_steps: int | None = None
     max_length: int = 32_768
     seed: int = 521
-    shuffle: bool = (
-        False  # False: corpus order every epoch (the release); True: a seeded permutation per epoch
-    )
+    shuffle: bool = False  # False: corpus order every epoch (the release); True: seeded permutation
+    group_by_length: int = 0  # > 0: sort windows of this many batches by length, then shuffle batches
     save_every: int = 1000  # 0: final checkpoint only
     prompt: PromptConfig = field(default_factory=PromptConfig)
     num_threads: int | None = None  # torch threads while training (None: leave as is)
@@ -105,6 +104,18 @@ class SFTConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    def with_stage_values(self, values: Any) -> SFTConfig:
+        """Overrides from another config object (e.g. a toy profile entry): every field of ``values``
+        whose name is a field here (same convention as ``RLConfig.with_stage_values``)."""
+        data = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
+        names = {f.name for f in dataclasses.fields(self)}
+        kept = {k: v for k, v in data.items() if k in names}
+        if isinstance(kept.get("prompt"), dict):
+            kept["prompt"] = PromptConfig(**kept["prompt"])
+        if isinstance(kept.get("betas"), list):
+            kept["betas"] = tuple(kept["betas"])
+        return dataclasses.replace(self, **kept)
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Linear warmup over ``ceil(warmup_ratio * total)`` steps, then cosine to ``min_lr_ratio * lr``."""
@@ -194,15 +205,26 @@ def _unit(*parts: Any) -> float:
 class _DataOrder:
     """Example index and layout of every visit: a pure function of (seed, epoch, position)."""
 
-    def __init__(self, n: int, config: SFTConfig) -> None:
-        self.n, self.config = n, config
+    def __init__(self, lengths: Sequence[int], config: SFTConfig) -> None:
+        self.n, self.lengths, self.config = len(lengths), lengths, config
         self._epochs: dict[int, list[int]] = {}
 
     def epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._epochs:
+            cfg = self.config
             order = list(range(self.n))
-            if self.config.shuffle:
-                random.Random(f"sft-order|{self.config.seed}|{epoch}").shuffle(order)
+            rng = random.Random(f"sft-order|{cfg.seed}|{epoch}")
+            if cfg.shuffle:
+                rng.shuffle(order)
+            if cfg.group_by_length:
+                # Less padding: similar lengths share a batch; batch order is shuffled again.
+                window = cfg.group_by_length * cfg.batch_size
+                batches: list[list[int]] = []
+                for start in range(0, self.n, window):
+                    chunk = sorted(order[start : start + window], key=lambda i: self.lengths[i])
+                    batches += [chunk[i : i + cfg.batch_size] for i in range(0, len(chunk), cfg.batch_size)]
+                rng.shuffle(batches)
+                order = [i for b in batches for i in b]
             self._epochs[epoch] = order
         return self._epochs[epoch]
 
@@ -334,7 +356,7 @@ def _train(
             )
         return cache[key]
 
-    order = _DataOrder(n, config)
+    order = _DataOrder([len(e) for e in examples], config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     micro = config.micro_batch_size or config.batch_size
     checkpoints = list_checkpoints(root)
@@ -398,6 +420,7 @@ def _train(
             "sequential_sequences": n_seq_layout,
             "targets": int(denominator),
             "tokens": sum(len(s) for s in seqs),
+            "padded_tokens": sum(int(b.input_ids.numel()) for b in batches),
             "elapsed_s": round(time.perf_counter() - t_train, 3),
         }
         history.append(record)

@@ -4,7 +4,8 @@ Per step: admit waiting requests while KV blocks allow; end what the budgets no 
 forward over every stream's unfed tokens (prompts, inserted headers/takeaways, the KV-only
 ``</guideline>`` of a fork and ``</step>`` of finished branches, one sampled token per live stream);
 sample; hand each token to the request's ``RequestFlow``; then bring the KV tables in line with the
-flows (new slots, fork tables, join tables) and release what no stream needs any more.
+flows (new slots, fork tables, join tables) and release what no stream needs any more. Per-step work
+is over each request's ``active`` streams (those holding a table), never over its whole history.
 
 When the pool runs out of blocks while a request grows, the newest running request is preempted (the
 oldest always progresses): its blocks are released and it restarts from its prompt later with the

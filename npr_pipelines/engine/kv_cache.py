@@ -1,7 +1,7 @@
 """Paged KV bookkeeping: a pool of reference-counted blocks and per-stream tables of slots.
 
 Slot ``s`` lives in block ``s // block_size`` at offset ``s % block_size``; the tensors themselves
-(``[num_blocks, block_size, n_kv_heads, head_dim]`` per layer) belong to the model backend. A
+(``[num_blocks * block_size, n_kv_heads, head_dim]`` per layer) belong to the model backend. A
 ``KVTable`` is one stream's view: token i of the stream's context has its KV at ``slots[i]``, and the
 table holds one reference on every block it reads.
 
@@ -12,8 +12,8 @@ table holds one reference on every block it reads.
 * Join: the continuation's table is the first branch's table (prefix + branch 1) followed by the
   slots of branches 2..k after the prefix; only the inserted ``<takeaway>`` gets new slots.
 
-Attention gathers keys by slot, so a table needs no contiguity; the price is at most one partially
-filled block per branch.
+A table needs no contiguity (the backend's per-request views are what attention reads, see
+``model.py``); the price of never copying is at most one partially filled block per branch.
 """
 
 from __future__ import annotations

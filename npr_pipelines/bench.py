@@ -24,6 +24,7 @@ next to wall-clock, because on a shared machine it is the steadier of the two.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import platform
@@ -217,13 +218,13 @@ def engine_vs_generate(bm: BenchModel, batch: int, new_tokens: int, reps: int, c
     no_eos = TokenCodec(encode=bm.codec.encode, decode=bm.codec.decode, eos_token_ids=frozenset({-1}))
     engine = Engine(bm.model, no_eos, None, config)
     ids = torch.tensor(prompts)
-    gen_kwargs = {
-        "attention_mask": torch.ones_like(ids),
-        "max_new_tokens": new_tokens,
-        "do_sample": False,
-        "eos_token_id": None,
-        "pad_token_id": 0,
-    }
+    gen_config = copy.deepcopy(bm.model.generation_config)
+    gen_config.eos_token_id = None  # both sides decode exactly new_tokens tokens
+    gen_config.pad_token_id = 0
+    gen_config.do_sample = False
+    gen_config.max_new_tokens = new_tokens
+    gen_config.min_new_tokens = None
+    gen_kwargs = {"attention_mask": torch.ones_like(ids), "generation_config": gen_config}
 
     def run_engine() -> tuple[float, float, list[list[int]]]:
         reqs = [
@@ -240,6 +241,8 @@ def engine_vs_generate(bm: BenchModel, batch: int, new_tokens: int, reps: int, c
         with torch.no_grad():
             out = bm.model.generate(ids, **gen_kwargs)
         w, c = _since(t0)
+        if out.shape[1] != length + new_tokens:
+            raise RuntimeError(f"generate stopped after {out.shape[1] - length} of {new_tokens} tokens")
         return w, c, out[:, length:].tolist()
 
     run_engine()  # warm-up (allocations, caches)

@@ -600,8 +600,8 @@ def run_npr_zero(
 ) -> StageResult:
     """Stage 1: DAPO with sequential rollouts and the V1-gated accuracy reward (tags are text)."""
     config = config or npr_zero_config()
-    if config.mode != "sequential" or config.reward != "format_gated_accuracy":
-        raise ValueError("NPR-Zero uses sequential rollouts and the format_gated_accuracy reward")
+    if config.mode != "sequential" or not config.reward.startswith("format_gated_accuracy"):
+        raise ValueError("NPR-Zero uses sequential rollouts and a format_gated_accuracy reward")
     return run_rl(init_dir, problems, config, workdir, **kwargs)
 
 

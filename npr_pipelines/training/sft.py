@@ -61,6 +61,8 @@ from npr_pipelines.training.strategy import micro_batches as make_micro_batches
 
 CHECKPOINTS = "checkpoints"
 LAYOUTS = ("parallel", "sequential")
+#: Config fields a resumed run may change (they do not affect the weights).
+RESUME_NEUTRAL = ("num_threads", "save_every")
 
 
 @dataclass(frozen=True)
@@ -276,7 +278,10 @@ def run_sft(
     resume_state = None
     if existing:
         resume_state = read_state(existing[-1][1])
-        if resume_state.config != cfg_dict or resume_state.extra.get("corpus_digest") != digest:
+        same = {k: v for k, v in resume_state.config.items() if k not in RESUME_NEUTRAL} == {
+            k: v for k, v in cfg_dict.items() if k not in RESUME_NEUTRAL
+        }
+        if not same or resume_state.extra.get("corpus_digest") != digest:
             raise ValueError(
                 f"{root} holds a run with a different config or corpus; use a fresh working directory"
             )

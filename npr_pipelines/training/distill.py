@@ -3,10 +3,12 @@
 Rejection sampling (``method.md`` §3.1): every problem gets up to ``max_tries`` samples from the policy,
 decoded sequentially (NPR-Zero only *simulates* parallelism in text) at T = 1; the FIRST sample that is
 both correct and format-perfect (strict validator passes AND the V2 format score is exactly 0) is kept
-and the problem retires. Problems are processed as a rolling pool (one try per active problem per
-round). Every attempt is recorded with its verdict, V2 score and reasons in ``attempts.jsonl``, one
-append per round. Each (problem, try) has its own seed, so a restart that skips the problems already
-settled in the log produces exactly the result an uninterrupted run would have.
+and the problem retires. Problems are processed as a rolling pool of ``batch_size`` problems in flight
+(continuous batching: a rejected try is followed at once by the problem's next try, a settled problem
+by a new one). Every attempt is recorded with its verdict, V2 score and reasons in ``attempts.jsonl``,
+appended with one write per ``batch_size`` finished attempts. Each (problem, try) has its own seed, so
+a restart that skips the problems already settled in the log (and re-runs the tries that were in
+flight) produces exactly the result an uninterrupted run would have.
 
 The corpus (``build_corpus``) de-duplicates the accepted traces and removes anything that overlaps a
 held-out question. ``retokenize_trace`` is the one place where text is re-tokenised (DESIGN.md: NPR-Zero's
@@ -170,8 +172,8 @@ def _outcomes(attempts: Iterable[Mapping[str, Any]], max_tries: int) -> dict[str
     out: dict[str, dict[str, Any]] = {}
     for a in sorted(attempts, key=lambda a: (a["problem_id"], a["try"])):
         o = out.setdefault(a["problem_id"], {"status": "open", "tries": 0, "accepted_try": None})
-        if o["status"] != "open":
-            continue  # attempts after acceptance cannot exist in a log we wrote; ignore if they do
+        if o["status"] != "open" or a["try"] != o["tries"]:
+            continue  # after a final outcome, or after a gap: cannot be in a log we wrote; ignored
         o["tries"] = a["try"] + 1
         if a["accepted"]:
             o["status"], o["accepted_try"] = "accepted", a["try"]
@@ -211,7 +213,7 @@ def run_rejection_sampling(
 
     ``workdir`` holds the attempt log; problems already settled there are skipped. ``logits_hook``
     (``(problem_id, try) -> hook``) constrains decoding per attempt (scripted tests). ``on_batch``
-    receives progress after every round.
+    receives progress after every appended batch of attempts.
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -228,7 +230,7 @@ def run_rejection_sampling(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     t0 = time.perf_counter()
-    rounds = new_attempts = new_tokens = 0
+    batches = new_attempts = new_tokens = 0
     try:
         codec = TokenCodec.from_tokenizer(tokenizer)
         if engine is None:
@@ -245,35 +247,45 @@ def run_rejection_sampling(
             )
         prompts: dict[str, list[int]] = {}
         queue = deque(p for p in problems if outcomes.get(p.id, {}).get("status", "open") == "open")
-        pool: list[ProblemLike] = []
-        while queue or pool:
-            while queue and len(pool) < config.batch_size:
-                pool.append(queue.popleft())
-            requests = []
-            for p in pool:
-                t = outcomes.get(p.id, {"tries": 0})["tries"]
-                if p.id not in prompts:
-                    prompts[p.id] = prompt_ids(tokenizer, p.question, config.prompt)
-                params = SamplingParams(
-                    mode="sequential",
-                    temperature=config.temperature,
-                    top_p=config.top_p,
-                    seed=sample_seed(config.seed, p.id, t),
-                    max_tokens=config.max_new_tokens,
-                )
-                hook = logits_hook(p.id, t) if logits_hook is not None else None
-                requests.append(Request(f"{p.id}#{t}", prompts[p.id], params, hook))
-            outputs = engine.generate(requests)
-            records = []
-            for p, req, out in zip(pool, requests, outputs, strict=True):
-                t = int(req.request_id.rsplit("#", 1)[1])
+        in_flight: dict[str, tuple[ProblemLike, int, int]] = {}  # request id -> (problem, try, seed)
+        pending: list[dict[str, Any]] = []
+
+        def submit(p: ProblemLike) -> None:
+            t = outcomes.get(p.id, {"tries": 0})["tries"]
+            if p.id not in prompts:
+                prompts[p.id] = prompt_ids(tokenizer, p.question, config.prompt)
+            seed = sample_seed(config.seed, p.id, t)
+            params = SamplingParams(
+                mode="sequential",
+                temperature=config.temperature,
+                top_p=config.top_p,
+                seed=seed,
+                max_tokens=config.max_new_tokens,
+            )
+            hook = logits_hook(p.id, t) if logits_hook is not None else None
+            rid = f"{p.id}#{t}"
+            in_flight[rid] = (p, t, seed)
+            engine.add_request(Request(rid, prompts[p.id], params, hook))
+
+        def fill() -> None:
+            while queue and len(in_flight) < config.batch_size:
+                submit(queue.popleft())
+
+        fill()
+        # Continuous batching: a problem's next try is submitted as soon as its previous one is
+        # rejected, so the engine never idles waiting for the longest sample of a batch.
+        while in_flight:
+            for out in engine.step():
+                if out.request_id not in in_flight:
+                    continue  # another caller's request on a shared engine
+                p, t, seed = in_flight.pop(out.request_id)
                 scored = score_output(p, t, out, codec, config.answer_type)
                 accepted, reasons = judge(scored, p.answer, str(out.finish_reason))
-                records.append(
+                pending.append(
                     {
                         "problem_id": p.id,
                         "try": t,
-                        "seed": req.params.seed,
+                        "seed": seed,
                         "accepted": accepted,
                         "verdict": "accepted" if accepted else "rejected",
                         "correct": scored.correct,
@@ -285,31 +297,34 @@ def run_rejection_sampling(
                         "text": scored.text,
                         "response_tokens": len(out.response_ids),
                         "finish_reason": str(out.finish_reason),
-                        "round": rounds,
+                        "batch": batches,
                     }
                 )
                 new_tokens += len(out.response_ids)
-            _append_jsonl(path, records)
-            for r in records:
-                o = outcomes.setdefault(r["problem_id"], {"status": "open", "tries": 0, "accepted_try": None})
-                o["tries"] = r["try"] + 1
-                if r["accepted"]:
-                    o["status"], o["accepted_try"] = "accepted", r["try"]
+                o = outcomes.setdefault(p.id, {"status": "open", "tries": 0, "accepted_try": None})
+                o["tries"] = t + 1
+                if accepted:
+                    o["status"], o["accepted_try"] = "accepted", t
                 elif o["tries"] >= config.max_tries:
                     o["status"] = "exhausted"
-            pool = [p for p in pool if outcomes[p.id]["status"] == "open"]
-            rounds += 1
-            new_attempts += len(records)
-            if on_batch is not None:
-                on_batch(
-                    {
-                        "round": rounds,
-                        "attempts": new_attempts,
-                        "accepted_in_round": sum(r["accepted"] for r in records),
-                        "open": len(pool) + len(queue),
-                        "elapsed_s": time.perf_counter() - t0,
-                    }
-                )
+                else:
+                    submit(p)
+            fill()
+            if pending and (len(pending) >= config.batch_size or not in_flight):
+                _append_jsonl(path, pending)
+                batches += 1
+                new_attempts += len(pending)
+                if on_batch is not None:
+                    on_batch(
+                        {
+                            "batch": batches,
+                            "attempts": new_attempts,
+                            "accepted_in_batch": sum(r["accepted"] for r in pending),
+                            "open": len(in_flight) + len(queue),
+                            "elapsed_s": time.perf_counter() - t0,
+                        }
+                    )
+                pending = []
     finally:
         torch.set_num_threads(old_threads)
     wall = time.perf_counter() - t0

@@ -237,10 +237,15 @@ def engine_vs_generate(bm: BenchModel, batch: int, new_tokens: int, reps: int, c
         return w, c, [o.response_ids for o in outs]
 
     def run_hf() -> tuple[float, float, list[list[int]]]:
-        t0 = _clock()
-        with torch.no_grad():
-            out = bm.model.generate(ids, **gen_kwargs)
-        w, c = _since(t0)
+        # generate() refills unset (None) fields from model.generation_config, EOS included: swap it.
+        saved, bm.model.generation_config = bm.model.generation_config, gen_config
+        try:
+            t0 = _clock()
+            with torch.no_grad():
+                out = bm.model.generate(ids, **gen_kwargs)
+            w, c = _since(t0)
+        finally:
+            bm.model.generation_config = saved
         if out.shape[1] != length + new_tokens:
             raise RuntimeError(f"generate stopped after {out.shape[1] - length} of {new_tokens} tokens")
         return w, c, out[:, length:].tolist()

@@ -141,6 +141,8 @@ class PagedQwen3:
         self.k_view: list[torch.Tensor] = []
         self.v_view: list[torch.Tensor] = []
         self.owner = torch.empty(0)
+        self._arange = torch.arange(1024, device=self.device)
+        self._heads: tuple[int, torch.Tensor] | None = None
         self._alloc_views(8, initial_view_capacity)
         self.peak_view_tokens = 0
 
@@ -232,6 +234,18 @@ class PagedQwen3:
         return cos[:, None], sin[:, None]
 
     # ----------------------------------------------------------------- views
+    def _keys(self, n: int) -> torch.Tensor:
+        """``arange(n)`` (a slice of a cached tensor)."""
+        if self._arange.numel() < n:
+            self._arange = torch.arange(max(n, 2 * self._arange.numel()), device=self.device)
+        return self._arange[:n]
+
+    def _head_offsets(self, cap: int) -> torch.Tensor:
+        """``[n_kv]``: offsets of each KV head's rows within a lane of capacity ``cap``."""
+        if self._heads is None or self._heads[0] != cap:
+            self._heads = (cap, torch.arange(self.n_kv, device=self.device) * cap)
+        return self._heads[1]
+
     def _alloc_views(self, lanes: int, capacity: int) -> None:
         """(Re)allocate the views, keeping the content of the lanes in use."""
         shape = (lanes, self.n_kv, capacity, self.head_dim)
@@ -324,17 +338,14 @@ class PagedQwen3:
                 cap *= 2
             self._alloc_views(cur_lanes if n <= cur_lanes else max(2 * cur_lanes, n), cap)
 
-        # --- flat token order = lane order, each lane's rows (and each row's tokens) contiguous
-        ids: list[int] = []
-        pos: list[int] = []
-        write: list[int] = []
-        dst: list[int] = []  # lane * cap + key index of every token
-        owned_dst: list[int] = []  # keys written by branch streams ...
-        owned_by: list[int] = []  # ... and their stream
+        # --- flat token order = lane order, each lane's rows (and each row's tokens) contiguous.
+        # Per token: id, position, pool slot, view row (lane * n_kv * cap + key), lane cell
+        # (lane * cap + key), owner (its branch stream, -1 for trunk), the query's branch (-2 for
+        # trunk queries, which own nothing), keys [0, base) visible, own key index: one tensor.
+        hkv, d, g = self.n_kv, self.head_dim, self.group
+        cols: list[list[int]] = [[] for _ in range(9)]
+        ids, pos, write, vrow, cell, own, quid, qbase, qkey = cols
         lane_q: list[tuple[int, int]] = []  # per lane: (first token, number of queries)
-        q_base: list[int] = []  # per token: keys [0, base) visible
-        q_uid: list[int] = []  # per token: its branch stream (-2 for trunk queries: owns nothing)
-        q_key: list[int] = []  # per token: its own key index in the lane
         kv_len: list[int] = []
         sample_tok: list[int] = []
         sample_order: list[int] = []
@@ -345,28 +356,36 @@ class PagedQwen3:
             t_lane = len(ids)
             for i, r in by_lane.get(key, ()):
                 m = len(r.tokens)
-                one_each &= m == 1
                 t0 = len(ids)
                 p0 = lane.length
-                ids.extend(r.tokens)
-                pos.extend(r.positions)
                 slots = r.table.slots
                 new_slots = slots[len(slots) - m :]
-                write.extend(new_slots)
                 lane.slots.extend(new_slots)
-                base = li * cap + p0
-                dst.extend(range(base, base + m))
-                q_key.extend(range(p0, p0 + m))
                 lane.length = p0 + m
+                if m == 1:
+                    ids.append(r.tokens[0])
+                    pos.append(r.positions[0])
+                    write.append(new_slots[0])
+                    vrow.append(li * hkv * cap + p0)
+                    cell.append(li * cap + p0)
+                    qkey.append(p0)
+                else:
+                    one_each = False
+                    ids.extend(r.tokens)
+                    pos.extend(r.positions)
+                    write.extend(new_slots)
+                    vrow.extend(range(li * hkv * cap + p0, li * hkv * cap + p0 + m))
+                    cell.extend(range(li * cap + p0, li * cap + p0 + m))
+                    qkey.extend(range(p0, p0 + m))
                 if r.branch:
                     only_trunk = False
-                    owned_dst.extend(range(base, base + m))
-                    owned_by.extend([r.stream] * m)
-                    q_base.extend([lane.shared_end] * m)
-                    q_uid.extend([r.stream] * m)
+                    own.extend([r.stream] * m)
+                    quid.extend([r.stream] * m)
+                    qbase.extend([lane.shared_end] * m)
                 else:
-                    q_base.extend(range(p0 + 1, p0 + m + 1))
-                    q_uid.extend([-2] * m)
+                    own.extend([-1] * m)
+                    quid.extend([-2] * m)
+                    qbase.extend(range(p0 + 1, p0 + m + 1))
                     lane.shared_end = lane.length
                 if r.sample:
                     sample_tok.append(t0 + m - 1)
@@ -375,21 +394,11 @@ class PagedQwen3:
             kv_len.append(max(1, lane.length))
         t = len(ids)
         self.peak_view_tokens = max(self.peak_view_tokens, sum(kv_len))
-
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        write_slots = torch.tensor(write, dtype=torch.long, device=dev)
-        hkv, d, g = self.n_kv, self.head_dim, self.group
-        # A view's flat row for (lane, head, key) is (lane * n_kv + head) * cap + key.
-        dst_t = torch.tensor(dst, dtype=torch.long, device=dev)
-        head_off = torch.arange(hkv, device=dev) * cap
-        view_dst = ((dst_t // cap * (hkv * cap) + dst_t % cap)[:, None] + head_off[None, :]).reshape(-1)
-        if owned_dst:
-            self.owner.view(-1).index_copy_(
-                0,
-                torch.tensor(owned_dst, dtype=torch.long, device=dev),
-                torch.tensor(owned_by, dtype=torch.long, device=dev),
-            )
+        per_token = torch.tensor(cols, dtype=torch.long, device=dev)  # [9, T]
+        input_ids, positions, write_slots = per_token[0], per_token[1], per_token[2]
+        view_dst = (per_token[3][:, None] + self._head_offsets(cap)).reshape(-1)  # [T * n_kv]
+        if not only_trunk:  # trunk keys keep the initial -1
+            self.owner.view(-1).index_copy_(0, per_token[4], per_token[5])
 
         # --- which lanes attend together, and their masks. "simple": one trunk query per lane (pure
         # decode, the mask is just each lane's length); "uniform": every lane has the same number of
@@ -400,21 +409,18 @@ class PagedQwen3:
         mode = "gather"
         if not wide and len(counts) == 1:
             mode = "simple" if only_trunk and counts == {1} else "uniform"
+        keys = self._keys(k_max)
         kv_len_t = torch.tensor(kv_len, dtype=torch.long, device=dev)
-        qtensors = None
-        if mode != "simple":
-            qtensors = torch.tensor([q_base, q_uid, q_key], dtype=torch.long, device=dev)
+        qtensors = per_token[6:9]  # [3, T]: query branch, base, own key
+        # Additive float masks, built once per step (a boolean mask is converted by SDPA in every layer).
         if mode == "simple":
-            keys = torch.arange(k_max, device=dev)
             mask = _additive((keys[None, :] < kv_len_t[:, None])[:, None, None], self.dtype)  # [n, 1, 1, K]
         elif mode == "uniform":
-            assert qtensors is not None
             q_max = t // n
-            base, uid, qkey = qtensors.view(3, n, q_max).unbind(0)
-            allowed = _visible(base, uid, None if one_each else qkey, self.owner[:n, :k_max])  # [n, Q, K]
+            uid, base, qk = qtensors.view(3, n, q_max).unbind(0)
+            allowed = _visible(keys, base, uid, None if one_each else qk, self.owner[:n, :k_max])  # [n, Q, K]
             mask = _additive(allowed[:, None].repeat(1, 1, g, 1), self.dtype)  # rows: (group member, query)
         else:
-            assert qtensors is not None
             q_max = max([1] + [nq for _, nq in lane_q if nq <= self.small_query_max])
             gather, valid = [], []
             for t0, nq in lane_q:
@@ -427,20 +433,19 @@ class PagedQwen3:
             valid_t = torch.tensor(valid, dtype=torch.bool, device=dev).view(n, q_max)
             picked = qtensors.index_select(1, gather_t).view(3, n, q_max)
             # Padded queries (and lanes without small queries) see all their lane's keys; discarded.
-            base = torch.where(valid_t, picked[0], kv_len_t[:, None])
-            uid = torch.where(valid_t, picked[1], -2)
-            qkey = torch.where(valid_t, picked[2], 0)
-            allowed = _visible(base, uid, qkey, self.owner[:n, :k_max])  # [n, Qmax, K]
+            uid = torch.where(valid_t, picked[0], -2)
+            base = torch.where(valid_t, picked[1], kv_len_t[:, None])
+            qk = torch.where(valid_t, picked[2], 0)
+            allowed = _visible(keys, base, uid, qk, self.owner[:n, :k_max])  # [n, Qmax, K]
             mask = _additive(allowed[:, None].repeat(1, 1, g, 1), self.dtype)  # rows: (group member, query)
             scatter = gather_t[valid_t.view(-1)]
             out_rows = valid_t.view(-1).nonzero().squeeze(1)
         wide_masks = []
         for li in wide:
             t0, nq = lane_q[li]
-            assert qtensors is not None
-            sel = qtensors[:, t0 : t0 + nq, None].unbind(0)  # each [nq, 1]
-            ok = _visible(*(x.T for x in sel), self.owner[li : li + 1, : kv_len[li]])  # [1, nq, K]
-            wide_masks.append(_additive(ok[:, None], self.dtype))
+            uid, base, qk = qtensors[:, t0 : t0 + nq, None].unbind(0)  # each [nq, 1]
+            ok = _visible(keys[: kv_len[li]], base.T, uid.T, qk.T, self.owner[li : li + 1, : kv_len[li]])
+            wide_masks.append(_additive(ok[:, None], self.dtype))  # [1, 1, nq, K]
 
         # --- the layers
         inner = self.hf.model
@@ -530,12 +535,11 @@ class PagedQwen3:
 
 
 def _visible(
-    base: torch.Tensor, uid: torch.Tensor, qkey: torch.Tensor | None, owner: torch.Tensor
+    j: torch.Tensor, base: torch.Tensor, uid: torch.Tensor, qkey: torch.Tensor | None, owner: torch.Tensor
 ) -> torch.Tensor:
     """``[n, Q, K]`` bool: key j is visible to a query iff j < base, or the query's branch wrote key j
-    at or before the query's own key (``base/uid/qkey [n, Q]``, ``owner [n, K]``). ``qkey=None``: each
-    branch has one query this step, its newest key, so "at or before" always holds."""
-    j = torch.arange(owner.shape[1], device=owner.device)
+    at or before the query's own key (``j = arange(K)``, ``base/uid/qkey [n, Q]``, ``owner [n, K]``).
+    ``qkey=None``: each branch has one query this step, its newest key, so "at or before" holds."""
     own = owner[:, None, :] == uid[:, :, None]
     if qkey is not None:
         own &= j[None, None, :] <= qkey[:, :, None]
@@ -543,8 +547,8 @@ def _visible(
 
 
 def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    zero = torch.zeros((), dtype=dtype, device=allowed.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)
+    """0 where ``allowed``, the dtype's minimum elsewhere (every query row allows at least one key)."""
+    return torch.where(allowed, torch.zeros((), dtype=dtype, device=allowed.device), torch.finfo(dtype).min)
 
 
 def _rms(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,9 @@ class BenchModel:
     detail: dict[str, Any]
 
 
-def toy_model(n_prompts: int) -> BenchModel:
-    """The bootstrapped toy base model (trained on the first call, cached) with the tags as tokens."""
+def toy_model(n_prompts: int, path: str | Path | None = None) -> BenchModel:
+    """The bootstrapped toy base model (trained on the first call, cached) with the tags as tokens;
+    or the model saved at ``path`` (any local ``from_pretrained`` directory), with toy prompts."""
     from transformers import AutoTokenizer
 
     from npr_pipelines.tokenization import add_tag_tokens, prompt_ids
@@ -67,7 +68,7 @@ def toy_model(n_prompts: int) -> BenchModel:
     from npr_pipelines.toy.tokenizer import TOY_PROMPT
 
     config = BootstrapConfig()
-    path = bootstrap_base_model(config)
+    path = bootstrap_base_model(config) if path is None else Path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model = load_model(path)
     tags = add_tag_tokens(tokenizer, model)
@@ -79,7 +80,11 @@ def toy_model(n_prompts: int) -> BenchModel:
         tags,
         prompts,
         "toy",
-        {"path": str(path), "bootstrap_key": config.key, "vocab": len(tokenizer)},
+        {
+            "path": str(path),
+            "bootstrap_key": config.key if path == config.path() else None,
+            "vocab": len(tokenizer),
+        },
     )
 
 
@@ -334,13 +339,16 @@ def run(
     seed: int = 0,
     block_size: int = 16,
     step_tokens: tuple[int, int] = (20, 60),
+    model_path: str | None = None,
 ) -> dict:
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
     load_before = _load()
     fallback = None
     bm = None
-    if model in ("auto", "toy"):
+    if model_path is not None:
+        bm = toy_model(max(n_traces, 16), model_path)
+    elif model in ("auto", "toy"):
         try:
             bm = toy_model(max(n_traces, 16))
         except (ImportError, AttributeError, FileNotFoundError) as exc:
@@ -419,6 +427,7 @@ def run(
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", choices=["auto", "toy", "random"], default="auto")
+    ap.add_argument("--model-path", default=None, help="a saved model directory instead of the toy bootstrap")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("NPR_BENCH_THREADS", "1")))
     ap.add_argument("--traces", type=int, default=12)
     ap.add_argument("--reps", type=int, default=3)

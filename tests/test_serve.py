@@ -225,3 +225,57 @@ def test_full_queue_answers_503_and_recovers(model_dir: Path) -> None:
         assert snap["requests_rejected"] == 2 and snap["requests_finished"] == 3
         assert snap["kv_blocks_in_use"] == 0 and snap["queue_depth"] == 0
     state.worker.close()
+
+
+def test_command_line_server_process(model_dir: Path) -> None:
+    """``python -m npr_pipelines.serve`` loads the directory, binds 127.0.0.1 and answers; SIGTERM stops it."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "npr_pipelines.serve", "--model-path", str(model_dir), "--port", str(port)]
+    cmd += [
+        "--num-blocks",
+        "64",
+        "--block-size",
+        "8",
+        "--threads",
+        "1",
+        "--log-level",
+        "warning",
+        "--device",
+        "cpu",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if get(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert time.time() < deadline, "the server did not come up"
+            time.sleep(0.2)
+        code, out = post(
+            url + "/generate",
+            {"text": "the answer", "sampling_params": {"temperature": 0, "max_new_tokens": 4}},
+        )
+        assert code == 200 and out["meta_info"]["prompt_tokens"] > 0 and len(out["output_ids"]) <= 4
+        _, info = get(url + "/get_model_info")
+        assert json.loads(info)["engine"]["num_blocks"] == 64
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode is not None

@@ -1,21 +1,34 @@
-"""``npr serve``: the NPR engine over HTTP with SGLang's native ``/generate`` shape (see ``api.py``)."""
+"""``npr serve``: the NPR engine over HTTP with SGLang's native ``/generate`` shape (see ``api.py``).
 
-from npr_pipelines.serve.api import BadRequest, Prompt, finish_reason, format_output, parse_generate
-from npr_pipelines.serve.app import ServerState, ServerThread, build_state, create_app, load_engine
-from npr_pipelines.serve.worker import EngineWorker, QueueFull, WorkerStopped
+Names are imported on first use, so ``npr_pipelines.serve.cli`` stays cheap to import.
+"""
 
-__all__ = [
-    "BadRequest",
-    "EngineWorker",
-    "Prompt",
-    "QueueFull",
-    "ServerState",
-    "ServerThread",
-    "WorkerStopped",
-    "build_state",
-    "create_app",
-    "finish_reason",
-    "format_output",
-    "load_engine",
-    "parse_generate",
-]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "BadRequest": "api",
+    "Prompt": "api",
+    "finish_reason": "api",
+    "format_output": "api",
+    "parse_generate": "api",
+    "ServerState": "app",
+    "ServerThread": "app",
+    "build_state": "app",
+    "create_app": "app",
+    "load_engine": "app",
+    "EngineWorker": "worker",
+    "QueueFull": "worker",
+    "WorkerStopped": "worker",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"npr_pipelines.serve.{module}"), name)

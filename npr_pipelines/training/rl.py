@@ -82,6 +82,7 @@ class RLConfig:
     warmup_start_ratio: float = 0.0
     min_lr_ratio: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     mini_batches_per_step: int = 1
@@ -302,6 +303,7 @@ class _Run:
             OptimizerConfig(
                 lr=config.lr,
                 betas=tuple(config.betas),
+                eps=config.adam_eps,
                 weight_decay=config.weight_decay,
                 max_grad_norm=config.grad_clip or None,
                 schedule=config.lr_at,

@@ -7,12 +7,12 @@ stream.
 
 Storage.
 
-* The paged pool (``[slots, n_kv_heads, head_dim]`` per layer, addressed by the engine's refcounted
+* The paged pool (``[slots, 2 * n_kv_heads, head_dim]`` per layer: K heads then V heads, addressed by the engine's refcounted
   ``KVTable`` slots) is the KV store the engine's memory accounting manages: forks share prefix
   blocks, joins concatenate slot lists, nothing is ever copied there.
 * Attention reads a *view* instead, because gathering every row's scattered slots into a dense
   ``[R, H, K, D]`` tensor on every step and layer costs as much as the attention itself. Each running
-  request owns one lane of a dense per-layer tensor ``[lanes, n_kv_heads, capacity, head_dim]``, and
+  request owns one lane of a dense per-layer tensor ``[lanes, 2 * n_kv_heads, capacity, head_dim]``, and
   every token the request runs through the model is appended to it, whatever stream it belongs to:
   the lane holds the request's KV once, in the order the tokens were computed (siblings interleave).
   A fork or a join therefore copies nothing here either. Which keys a query may read is a mask: a
@@ -114,9 +114,11 @@ class PagedQwen3:
         self.block_size = block_size
         self.num_slots = num_blocks * block_size
         self.n_layers = cfg.num_hidden_layers
-        shape = (self.num_slots, self.n_kv, self.head_dim)
-        self.k_pool = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        self.v_pool = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        # K heads then V heads per slot: one write per layer and step
+        shape = (self.num_slots, 2 * self.n_kv, self.head_dim)
+        self.kv_pool = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)
+        ]
         if pack_weights is None:
             pack_weights = sum(p.numel() * p.element_size() for p in model.parameters()) <= PACK_MAX_BYTES
         self.pack = pack_weights
@@ -138,8 +140,7 @@ class PagedQwen3:
         self._initial_cap = initial_view_capacity
         self._lanes: dict[int, _Lane] = {}
         self._lane_keys: list[int] = []  # lane index -> request key
-        self.k_view: list[torch.Tensor] = []
-        self.v_view: list[torch.Tensor] = []
+        self.kv_view: list[torch.Tensor] = []  # [lanes, 2 n_kv, cap, D]: K heads, then V heads
         self.owner = torch.empty(0)
         self._arange = torch.arange(1024, device=self.device)
         self._heads: tuple[int, torch.Tensor] | None = None
@@ -241,24 +242,24 @@ class PagedQwen3:
         return self._arange[:n]
 
     def _head_offsets(self, cap: int) -> torch.Tensor:
-        """``[n_kv]``: offsets of each KV head's rows within a lane of capacity ``cap``."""
+        """``[2 n_kv]``: offsets of each K and V head's rows within a lane of capacity ``cap``."""
         if self._heads is None or self._heads[0] != cap:
-            self._heads = (cap, torch.arange(self.n_kv, device=self.device) * cap)
+            self._heads = (cap, torch.arange(2 * self.n_kv, device=self.device) * cap)
         return self._heads[1]
 
     def _alloc_views(self, lanes: int, capacity: int) -> None:
         """(Re)allocate the views, keeping the content of the lanes in use."""
-        shape = (lanes, self.n_kv, capacity, self.head_dim)
-        old_k, old_v, old_owner = self.k_view, self.v_view, self.owner
-        self.k_view = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
-        self.v_view = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)]
+        shape = (lanes, 2 * self.n_kv, capacity, self.head_dim)
+        old, old_owner = self.kv_view, self.owner
+        self.kv_view = [
+            torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.n_layers)
+        ]
         self.owner = torch.full((lanes, capacity), -1, dtype=torch.long, device=self.device)
-        if old_k and self._lane_keys:
-            n = min(len(self._lane_keys), old_k[0].shape[0])  # lanes past the old count are still empty
-            keep = min(capacity, old_k[0].shape[2])
-            for new, old in ((self.k_view, old_k), (self.v_view, old_v)):
-                for i in range(self.n_layers):
-                    new[i][:n, :, :keep] = old[i][:n, :, :keep]
+        if old and self._lane_keys:
+            n = min(len(self._lane_keys), old[0].shape[0])  # lanes past the old count are still empty
+            keep = min(capacity, old[0].shape[2])
+            for new_t, old_t in zip(self.kv_view, old, strict=True):
+                new_t[:n, :, :keep] = old_t[:n, :, :keep]
             self.owner[:n, :keep] = old_owner[:n, :keep]
 
     @property
@@ -267,7 +268,7 @@ class PagedQwen3:
 
     def view_bytes(self) -> int:
         """Memory allocated for views (all layers, K and V)."""
-        return 2 * sum(t.numel() * t.element_size() for t in self.k_view)
+        return sum(t.numel() * t.element_size() for t in self.kv_view)
 
     def view_tokens(self) -> int:
         return sum(lane.length for lane in self._lanes.values())
@@ -282,9 +283,8 @@ class PagedQwen3:
             moved_key = self._lane_keys[last]
             moved = self._lanes[moved_key]
             n = moved.length
-            for views in (self.k_view, self.v_view):
-                for t in views:
-                    t[lane.index, :, :n] = t[last, :, :n]
+            for t in self.kv_view:
+                t[lane.index, :, :n] = t[last, :, :n]
             self.owner[lane.index, :n] = self.owner[last, :n]
             moved.index = lane.index
             self._lane_keys[lane.index] = moved_key
@@ -294,7 +294,7 @@ class PagedQwen3:
     def trim(self) -> None:
         """Give view memory back (down to the initial size) when no request holds a view."""
         if not self._lane_keys and (
-            self.k_view[0].shape[2] > self._initial_cap or self.k_view[0].shape[0] > 8
+            self.kv_view[0].shape[2] > self._initial_cap or self.kv_view[0].shape[0] > 8
         ):
             self._alloc_views(8, self._initial_cap)
 
@@ -305,11 +305,10 @@ class PagedQwen3:
             if not lane.length:
                 continue
             idx = torch.tensor(lane.slots, dtype=torch.long, device=self.device)
-            for pool, views in ((self.k_pool, self.k_view), (self.v_pool, self.v_view)):
-                for i in range(self.n_layers):
-                    view = views[i][lane.index, :, : lane.length].transpose(0, 1)  # [L, n_kv, D]
-                    if not torch.equal(view, pool[i].index_select(0, idx)):
-                        raise AssertionError(f"lane {lane.index}: view differs from the pool (layer {i})")
+            for i in range(self.n_layers):
+                view = self.kv_view[i][lane.index, :, : lane.length].transpose(0, 1)  # [L, 2 n_kv, D]
+                if not torch.equal(view, self.kv_pool[i].index_select(0, idx)):
+                    raise AssertionError(f"lane {lane.index}: view differs from the pool (layer {i})")
 
     # ----------------------------------------------------------------- the step
     @torch.no_grad()
@@ -332,14 +331,14 @@ class PagedQwen3:
                 group.append((i, r))
         n = len(self._lane_keys)
         need = max(lanes[k].length + sum(len(r.tokens) for _, r in rs) for k, rs in by_lane.items())
-        cur_lanes, cap = self.k_view[0].shape[0], self.k_view[0].shape[2]
+        cur_lanes, cap = self.kv_view[0].shape[0], self.kv_view[0].shape[2]
         if n > cur_lanes or need > cap:
             while cap < need:
                 cap *= 2
             self._alloc_views(cur_lanes if n <= cur_lanes else max(2 * cur_lanes, n), cap)
 
         # --- flat token order = lane order, each lane's rows (and each row's tokens) contiguous.
-        # Per token: id, position, pool slot, view row (lane * n_kv * cap + key), lane cell
+        # Per token: id, position, pool slot, view row (lane * 2 n_kv * cap + key), lane cell
         # (lane * cap + key), owner (its branch stream, -1 for trunk), the query's branch (-2 for
         # trunk queries, which own nothing), keys [0, base) visible, own key index: one tensor.
         hkv, d, g = self.n_kv, self.head_dim, self.group
@@ -366,7 +365,7 @@ class PagedQwen3:
                     ids.append(r.tokens[0])
                     pos.append(r.positions[0])
                     write.append(new_slots[0])
-                    vrow.append(li * hkv * cap + p0)
+                    vrow.append(li * 2 * hkv * cap + p0)
                     cell.append(li * cap + p0)
                     qkey.append(p0)
                 else:
@@ -374,7 +373,7 @@ class PagedQwen3:
                     ids.extend(r.tokens)
                     pos.extend(r.positions)
                     write.extend(new_slots)
-                    vrow.extend(range(li * hkv * cap + p0, li * hkv * cap + p0 + m))
+                    vrow.extend(range(li * 2 * hkv * cap + p0, li * 2 * hkv * cap + p0 + m))
                     cell.extend(range(li * cap + p0, li * cap + p0 + m))
                     qkey.extend(range(p0, p0 + m))
                 if r.branch:
@@ -396,13 +395,14 @@ class PagedQwen3:
         self.peak_view_tokens = max(self.peak_view_tokens, sum(kv_len))
         per_token = torch.tensor(cols, dtype=torch.long, device=dev)  # [9, T]
         input_ids, positions, write_slots = per_token[0], per_token[1], per_token[2]
-        view_dst = (per_token[3][:, None] + self._head_offsets(cap)).reshape(-1)  # [T * n_kv]
+        view_dst = (per_token[3][:, None] + self._head_offsets(cap)).reshape(-1)  # [T * 2 n_kv]
         if not only_trunk:  # trunk keys keep the initial -1
             self.owner.view(-1).index_copy_(0, per_token[4], per_token[5])
 
-        # --- which lanes attend together, and their masks. "simple": one trunk query per lane (pure
-        # decode, the mask is just each lane's length); "uniform": every lane has the same number of
-        # queries (a request's branches decoding), no gather; else queries are gathered and padded.
+        # --- which lanes attend together, and their masks. "simple": one query per lane (pure decode;
+        # for trunk queries the mask is just each lane's length); "uniform": every lane has the same
+        # number of queries (a request's branches decoding), no gather; else queries are gathered and
+        # padded.
         k_max = max(kv_len)
         counts = {nq for _, nq in lane_q}
         wide = [li for li, (_, nq) in enumerate(lane_q) if nq > self.small_query_max]
@@ -419,7 +419,11 @@ class PagedQwen3:
             q_max = t // n
             uid, base, qk = qtensors.view(3, n, q_max).unbind(0)
             allowed = _visible(keys, base, uid, None if one_each else qk, self.owner[:n, :k_max])  # [n, Q, K]
-            mask = _additive(allowed[:, None].repeat(1, 1, g, 1), self.dtype)  # rows: (group member, query)
+            if q_max == 1:  # one query per lane (a last live branch): the pure-decode layout
+                mode = "simple"
+                mask = _additive(allowed[:, None], self.dtype)  # [n, 1, 1, K]
+            else:
+                mask = _additive(allowed[:, None].repeat(1, 1, g, 1), self.dtype)  # rows: (member, query)
         else:
             q_max = max([1] + [nq for _, nq in lane_q if nq <= self.small_query_max])
             gather, valid = [], []
@@ -474,13 +478,12 @@ class PagedQwen3:
             else:
                 qk = F.rms_norm(qk.float(), (d,), None, eps).to(qk.dtype) * pw.qk_norm
             qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)
-            q, k = qk[:, : self.n_heads], qk[:, self.n_heads :]
-            self.k_pool[i].index_copy_(0, write_slots, k)
-            self.v_pool[i].index_copy_(0, write_slots, v)
-            kv, vv = self.k_view[i], self.v_view[i]
-            kv.view(-1, d).index_copy_(0, view_dst, k.reshape(-1, d))
-            vv.view(-1, d).index_copy_(0, view_dst, v.reshape(-1, d))
-            kview, vview = kv[:n, :, :k_max], vv[:n, :, :k_max]  # [n, n_kv, K, D], no copy
+            q = qk[:, : self.n_heads]
+            new_kv = torch.cat([qk[:, self.n_heads :], v], dim=1)  # [T, 2 n_kv, D]
+            self.kv_pool[i].index_copy_(0, write_slots, new_kv)
+            lanes_kv = self.kv_view[i]
+            lanes_kv.view(-1, d).index_copy_(0, view_dst, new_kv.view(-1, d))
+            kview, vview = lanes_kv[:n, :hkv, :k_max], lanes_kv[:n, hkv:, :k_max]  # [n, n_kv, K, D], no copy
             if mode == "simple":
                 og = F.scaled_dot_product_attention(
                     q.view(n, hkv, g, d), kview, vview, attn_mask=mask, scale=self.scaling
@@ -502,8 +505,8 @@ class PagedQwen3:
                     t0, nq = lane_q[li]
                     ol = F.scaled_dot_product_attention(
                         q[t0 : t0 + nq].transpose(0, 1)[None],
-                        kv[li : li + 1, :, : kv_len[li]],
-                        vv[li : li + 1, :, : kv_len[li]],
+                        lanes_kv[li : li + 1, :hkv, : kv_len[li]],
+                        lanes_kv[li : li + 1, hkv:, : kv_len[li]],
                         attn_mask=wm,
                         scale=self.scaling,
                         enable_gqa=True,
@@ -531,7 +534,7 @@ class PagedQwen3:
         return self.hf.get_output_embeddings().weight.shape[0]
 
     def kv_bytes_per_token(self) -> int:
-        return 2 * self.n_layers * self.n_kv * self.head_dim * self.k_pool[0].element_size()
+        return 2 * self.n_layers * self.n_kv * self.head_dim * self.kv_pool[0].element_size()
 
 
 def _visible(

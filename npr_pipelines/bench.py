@@ -119,18 +119,19 @@ def random_model(n_prompts: int, seed: int = 0) -> BenchModel:
 
 # --------------------------------------------------------------------------- traces
 def _chain(rng: random.Random, encode: Callable[[str], list[int]], lo: int, hi: int) -> str:
-    """Toy-like arithmetic (``3*14=42 42+7=49 ...``) of ``lo..hi`` tokens."""
+    """Toy-like arithmetic (``3*14=42 42+7=49 ...``) of about ``randint(lo, hi)`` tokens."""
     want = rng.randint(lo, hi)
     acc = rng.randint(2, 19)
     text = ""
-    while True:
+    while len(encode(text)) < want:
         op = rng.choice("+*")
         b = rng.randint(2, 19)
         res = acc * b if op == "*" else acc + b
         nxt = f"{text} {acc}{op}{b}={res}".strip()
-        if len(encode(nxt)) > want and text:
-            return text
+        if len(encode(nxt)) > hi and text:
+            break
         text, acc = nxt, res % 1000
+    return text
 
 
 def make_traces(
@@ -334,7 +335,7 @@ def run(
     model: str = "auto",
     threads: int = 1,
     n_traces: int = 12,
-    reps: int = 3,
+    reps: int = 5,
     new_tokens: int = 128,
     seed: int = 0,
     block_size: int = 16,
@@ -430,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--model-path", default=None, help="a saved model directory instead of the toy bootstrap")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("NPR_BENCH_THREADS", "1")))
     ap.add_argument("--traces", type=int, default=12)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--step-tokens", type=int, nargs=2, default=(20, 60), metavar=("MIN", "MAX"))

@@ -140,6 +140,10 @@ class RequestFlow:
         self.finish_detail = ""
         self.response_len = 0
         self._stop_ids = set(params.stop_token_ids)
+        # tag ids as plain ints: accept() runs once per sampled token
+        self._step_end = tags[Tag.STEP_END] if tags is not None else None
+        self._guideline = tags[Tag.GUIDELINE] if tags is not None else None
+        self._fork_id = tags[Tag.GUIDELINE_END] if tags is not None and params.mode == "parallel" else None
         self._headers: dict[str, list[int]] = {}
 
     # ----------------------------------------------------------------- queries
@@ -148,7 +152,13 @@ class RequestFlow:
         return self.finish is not None
 
     def live_streams(self) -> list[Stream]:
-        return [s for s in self.streams if s.live]
+        """Streams still sampling: the current trunk segment, or the current block's branches (O(k),
+        not O(history): earlier segments and blocks are complete)."""
+        if self.trunk.live:
+            return [self.trunk]
+        if self.blocks and self.blocks[-1].continuation is None:
+            return [b for b in self.blocks[-1].branches if b.live]
+        return []
 
     def critical_used(self, next_position: int) -> int:
         """Critical-path response tokens once a token sits at ``next_position``."""
@@ -214,14 +224,14 @@ class RequestFlow:
         eos = token in self.codec.eos_token_ids
         if stream.kind is StreamKind.BRANCH:
             assert self.tags is not None
-            if token == self.tags[Tag.STEP_END]:
+            if token == self._step_end:
                 stream.end(FinishReason.STEP_END)
                 return self._maybe_join(stream)
             if eos:
                 return self.end_request(
                     FinishReason.EOS_IN_BRANCH, f"EOS in branch {stream.path}", culprit=stream
                 )
-            if token == self.tags[Tag.GUIDELINE]:
+            if token == self._guideline:
                 return self.end_request(
                     FinishReason.NESTED_GUIDELINE, f"<guideline> in branch {stream.path}", culprit=stream
                 )
@@ -230,7 +240,7 @@ class RequestFlow:
             return self.end_request(FinishReason.EOS)
         if token in self._stop_ids:
             return self.end_request(FinishReason.STOP, f"stop id {token}")
-        if self.params.mode == "parallel" and self.tags is not None and token == self.tags[Tag.GUIDELINE_END]:
+        if token == self._fork_id:
             return self._fork(stream)
         return Event.NONE
 

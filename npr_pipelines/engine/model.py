@@ -271,7 +271,8 @@ class PagedQwen3:
         return sum(t.numel() * t.element_size() for t in self.kv_view)
 
     def view_tokens(self) -> int:
-        return sum(lane.length for lane in self._lanes.values())
+        """Tokens held in views (safe to call from another thread: the list is taken in one C call)."""
+        return sum(lane.length for lane in list(self._lanes.values()))
 
     def release(self, key: int) -> None:
         """Drop request ``key``'s view; the last lane moves into its place so that lanes stay ``[0, n)``."""

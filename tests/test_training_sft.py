@@ -162,3 +162,21 @@ def test_group_by_length_packs_similar_lengths_and_stage_values_apply(base_dir, 
 
     applied = SFTConfig().with_stage_values(Entry())
     assert (applied.lr, applied.betas, applied.batch_size) == (5e-3, (0.9, 0.98), 8)
+
+
+def test_plan_balance_evens_out_structure_groups() -> None:
+    from npr_pipelines.training.sft import _DataOrder
+
+    groups = [(2,)] * 90 + [(5,)] * 10
+    lengths = [10] * 100
+    natural = _DataOrder(lengths, groups, SFTConfig(shuffle=True, seed=3))
+    assert sorted(natural.epoch_order(0)) == list(range(100))  # a permutation: each example once
+    share = lambda order: sum(groups[i] == (5,) for i in order) / len(order)  # noqa: E731
+    balanced = _DataOrder(lengths, groups, SFTConfig(plan_balance=1.0, seed=3))
+    visits = [i for e in range(20) for i in balanced.epoch_order(e)]
+    assert 0.4 < share(visits) < 0.6  # equal total weight per group
+    half = _DataOrder(lengths, groups, SFTConfig(plan_balance=0.5, seed=3))
+    assert 0.15 < share([i for e in range(20) for i in half.epoch_order(e)]) < 0.4
+    assert balanced.epoch_order(4) == _DataOrder(
+        lengths, groups, SFTConfig(plan_balance=1.0, seed=3)
+    ).epoch_order(4)

@@ -13,6 +13,13 @@ share of example visits trained under the ordinary causal layout instead, where 
 included, is a target. The paper trains pure parallel SFT (share 0, the default here); the toy profile
 uses a share > 0 because the project requires NPR-Beta to be format-valid in sequential mode as well.
 
+Structure balance. A self-distilled corpus over-represents what the policy solves easily: on the toy
+world, problems with 4-5 independent sub-problems are accepted far less often than those with 2, so
+long guidelines are rare in the corpus and a model trained on it miscounts steps when it writes them
+itself (sequential mode). ``plan_balance`` draws each epoch's visits with replacement, weighting an
+example by ``count(its plans-per-guideline group) ** -plan_balance`` (1: every group the same total
+weight). 0 (the default, the paper's behaviour) visits every example once per epoch.
+
 Checkpoints (``workdir/checkpoints/step-XXXXXX``) hold the HF model and tokenizer (``from_pretrained``
 loads them), the optimizer state (safetensors + JSON, via the strategy), and ``trainer_state.json``
 (step, data cursor, config, history, corpus digest). The data order is a pure function of
@@ -38,7 +45,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from npr_pipelines.structure import LayoutError, TagVocab
+from npr_pipelines.structure import LayoutError, TagVocab, parse_text
 from npr_pipelines.tokenization import (
     PromptConfig,
     add_tag_tokens,
@@ -90,6 +97,7 @@ class SFTConfig:
     seed: int = 521
     shuffle: bool = False  # False: corpus order every epoch (the release); True: seeded permutation
     group_by_length: int = 0  # > 0: sort windows of this many batches by length, then shuffle batches
+    plan_balance: float = 0.0  # 0: every example once per epoch; > 0: weighted draws (see _DataOrder)
     save_every: int = 1000  # 0: final checkpoint only
     prompt: PromptConfig = field(default_factory=PromptConfig)
     num_threads: int | None = None  # torch threads while training (None: leave as is)
@@ -101,6 +109,8 @@ class SFTConfig:
             raise ValueError("sequential_share must be within [0, 1]")
         if self.batch_size < 1 or self.epochs < 1 or self.max_length < 2:
             raise ValueError("batch_size and epochs must be >= 1, max_length >= 2")
+        if not 0.0 <= self.plan_balance <= 1.0:
+            raise ValueError("plan_balance must be within [0, 1]")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError("max_steps must be >= 1 or None")
 
@@ -137,6 +147,7 @@ class Example:
     problem_id: str
     prompt_ids: tuple[int, ...]
     response_ids: tuple[int, ...]  # the re-tokenised trace + EOS
+    plans: tuple[int, ...] = ()  # plans per guideline (the structure group for ``plan_balance``)
 
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.response_ids)
@@ -194,7 +205,8 @@ def tokenize_corpus(
         if len(p) + len(resp) > config.max_length:
             dropped["too_long"] += 1
             continue
-        examples.append(Example(str(r["problem_id"]), tuple(p), tuple(resp)))
+        plans = tuple(len(b.plans) for b in parse_text(r["text"]).blocks)
+        examples.append(Example(str(r["problem_id"]), tuple(p), tuple(resp), plans))
     return examples, dropped
 
 
@@ -207,16 +219,23 @@ def _unit(*parts: Any) -> float:
 class _DataOrder:
     """Example index and layout of every visit: a pure function of (seed, epoch, position)."""
 
-    def __init__(self, lengths: Sequence[int], config: SFTConfig) -> None:
+    def __init__(self, lengths: Sequence[int], groups: Sequence[Any], config: SFTConfig) -> None:
         self.n, self.lengths, self.config = len(lengths), lengths, config
         self._epochs: dict[int, list[int]] = {}
+        counts: dict[Any, int] = {}
+        for g in groups:
+            counts[g] = counts.get(g, 0) + 1
+        # Example weight count(group)^-plan_balance: 1 leaves every group the same total weight.
+        self.weights = [counts[g] ** -config.plan_balance for g in groups]
 
     def epoch_order(self, epoch: int) -> list[int]:
         if epoch not in self._epochs:
             cfg = self.config
             order = list(range(self.n))
             rng = random.Random(f"sft-order|{cfg.seed}|{epoch}")
-            if cfg.shuffle:
+            if cfg.plan_balance > 0:
+                order = rng.choices(range(self.n), weights=self.weights, k=self.n)
+            elif cfg.shuffle:
                 rng.shuffle(order)
             if cfg.group_by_length:
                 # Less padding: similar lengths share a batch; batch order is shuffled again.
@@ -361,7 +380,7 @@ def _train(
             )
         return cache[key]
 
-    order = _DataOrder([len(e) for e in examples], config)
+    order = _DataOrder([len(e) for e in examples], [e.plans for e in examples], config)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     micro = config.micro_batch_size or config.batch_size
     checkpoints = list_checkpoints(root)

@@ -66,6 +66,12 @@ class SFTStageConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     max_steps: int | None = None  # cap on optimiser steps (None: epochs decide)
+    shuffle: bool = True  # a seeded permutation per epoch (the paper: corpus order)
+    group_by_length: int = 0  # sort windows of this many batches by length (less padding)
+    # Share of visits trained under the causal layout: the parallel layout never trains the step
+    # labels, which sequential-mode decoding must write itself (``training/sft.py``). Paper: 0.
+    sequential_share: float = 0.0
+    plan_balance: float = 0.0  # weight visits by plans-per-guideline group (``training/sft.py``). Paper: 0.
 
 
 @dataclass(frozen=True)
@@ -103,8 +109,17 @@ DEFAULT = ToyProfile(
     npr_zero=RLStageConfig(
         lr=1e-4, steps=60, prompts_per_step=16, group_size=8, max_new_tokens=256, warmup_steps=5
     ),
-    rejection_sampling=RejectionSamplingConfig(max_tries=8, n_problems=6000, max_new_tokens=320),
-    parallel_sft=SFTStageConfig(lr=2e-3, epochs=2, batch_size=32, max_length=512),
+    rejection_sampling=RejectionSamplingConfig(max_tries=8, n_problems=1500, max_new_tokens=320),
+    parallel_sft=SFTStageConfig(
+        lr=2e-3,
+        epochs=20,
+        batch_size=8,
+        max_length=512,
+        max_steps=800,
+        group_by_length=8,
+        sequential_share=0.75,
+        plan_balance=1.0,
+    ),
     papo=RLStageConfig(
         lr=5e-5, steps=40, prompts_per_step=16, group_size=8, max_new_tokens=320, mini_batches_per_step=1
     ),
@@ -148,7 +163,15 @@ PROFILES: dict[str, ToyProfile] = {p.name: p for p in (DEFAULT, SMALL)}
 PAPER: dict[str, dict[str, float | int]] = {
     "npr_zero": {"lr": 1e-6, "prompts_per_step": 32, "group_size": 16, "max_new_tokens": 30000},
     "rejection_sampling": {"max_tries": 8, "max_new_tokens": 32768, "temperature": 1.0, "top_p": 1.0},
-    "parallel_sft": {"lr": 1e-6, "epochs": 1, "batch_size": 8, "max_length": 32768, "warmup_ratio": 0.05},
+    "parallel_sft": {
+        "lr": 1e-6,
+        "epochs": 1,
+        "batch_size": 8,
+        "max_length": 32768,
+        "warmup_ratio": 0.05,
+        "sequential_share": 0.0,
+        "plan_balance": 0.0,
+    },
     "papo": {"lr": 1e-7, "prompts_per_step": 16, "group_size": 16, "max_new_tokens": 30000},
     "eval": {"n_samples": 8, "temperature": 1.0, "top_p": 0.7},
 }

@@ -445,6 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.new_tokens,
         args.seed,
         step_tokens=tuple(args.step_tokens),
+        model_path=args.model_path,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")

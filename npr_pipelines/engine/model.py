@@ -47,6 +47,8 @@ from npr_pipelines.engine.kv_cache import KVTable
 
 #: Keep transposed/concatenated copies of the projection weights for models up to this size.
 PACK_MAX_BYTES = 1 << 30
+#: Up to this many branch queries of one request attend as separate batch entries (see "expand").
+_EXPAND_MAX = 3
 
 
 class Row(NamedTuple):
@@ -423,6 +425,11 @@ class PagedQwen3:
             if q_max == 1:  # one query per lane (a last live branch): the pure-decode layout
                 mode = "simple"
                 mask = _additive(allowed[:, None], self.dtype)  # [n, 1, 1, K]
+            elif n == 1 and one_each and q_max <= _EXPAND_MAX:
+                # A few branches of one request: each query its own batch entry over the same (expanded,
+                # not copied) keys. SDPA re-reads the keys per query, but no query/output permutes.
+                mode = "expand"
+                mask = _additive(allowed.view(q_max, 1, 1, k_max), self.dtype)
             else:
                 mask = _additive(allowed[:, None].repeat(1, 1, g, 1), self.dtype)  # rows: (member, query)
         else:
@@ -488,6 +495,15 @@ class PagedQwen3:
             if mode == "simple":
                 og = F.scaled_dot_product_attention(
                     q.view(n, hkv, g, d), kview, vview, attn_mask=mask, scale=self.scaling
+                )
+                out = og.reshape(t, hq)
+            elif mode == "expand":
+                og = F.scaled_dot_product_attention(
+                    q.view(t, hkv, g, d),
+                    kview.expand(t, -1, -1, -1),
+                    vview.expand(t, -1, -1, -1),
+                    attn_mask=mask,
+                    scale=self.scaling,
                 )
                 out = og.reshape(t, hq)
             elif mode == "uniform":

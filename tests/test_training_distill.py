@@ -223,3 +223,12 @@ def test_recheck_passes_a_clean_corpus_and_catches_planted_bad_traces() -> None:
     with pytest.raises(ValueError, match="single tokens"):
         recheck_corpus(clean, byte_bpe_tokenizer(with_tags=False))
     json.dumps(fails)  # failures are JSON-able (they go into reports)
+
+
+def test_rejection_config_takes_profile_values_and_keys_only_result_fields() -> None:
+    from npr_pipelines.toy.profiles import get_profile
+
+    cfg = RejectionConfig().with_stage_values(get_profile("default").rejection_sampling)
+    assert (cfg.max_tries, cfg.max_new_tokens, cfg.batch_size) == (8, 320, 256)
+    assert RejectionConfig().max_new_tokens == 32_768 and RejectionConfig().max_tries == 8  # the paper's
+    assert "batch_size" not in cfg.result_key() and "seed" in cfg.result_key()

@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from npr_pipelines.data.problems import Problem
 from npr_pipelines.structure import format_score_v2, last_boxed, parse_text, render, validate
 from npr_pipelines.toy.problems import (
     CANDIDATE_SEARCH,
@@ -95,6 +96,7 @@ def test_family_and_k_restrictions():
 
 def test_to_problem_has_the_shared_fields(problems):
     p = problems[0].to_problem()
+    assert isinstance(p, Problem)
     assert (p.id, p.question, p.answer, p.source) == (
         problems[0].id,
         problems[0].question,

@@ -186,7 +186,7 @@ def train_base_model(
     ``callback(step, model, tokenizer)``, if given, runs after every optimiser step (for experiments;
     its time counts in ``train_seconds``).
     """
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     old_threads = torch.get_num_threads()
     torch.set_num_threads(config.num_threads)
     try:
@@ -256,6 +256,10 @@ def train_base_model(
             "data_seconds": round(t_data, 2),
             "train_seconds": round(t_train, 2),
             "wall_seconds": round(time.perf_counter() - t0, 2),
+            # CPU time of this process (all threads): on a busy shared machine, cpu_seconds / num_threads
+            # approximates the wall time the bootstrap would take on idle cores
+            "cpu_seconds": round(time.process_time() - cpu0, 2),
+            "num_threads": config.num_threads,
         }
     finally:
         torch.set_num_threads(old_threads)

@@ -22,6 +22,8 @@ import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+from npr_pipelines.data.problems import Problem
+
 SUM_OF_PRODUCTS = "sum_of_products"
 CANDIDATE_SEARCH = "candidate_search"
 FAMILIES: tuple[str, ...] = (SUM_OF_PRODUCTS, CANDIDATE_SEARCH)
@@ -36,8 +38,8 @@ SOURCE_PREFIX = "toy/"
 
 @dataclass(frozen=True)
 class ToyProblem:
-    """A toy problem. ``id``/``question``/``answer``/``source`` are the fields every problem set shares
-    (``npr_pipelines.data.problems.Problem``); the rest is what the solution writers need."""
+    """A toy problem. ``id``/``question``/``answer``/``source`` are the fields of the project's
+    ``Problem`` (``to_problem()`` converts); the rest is what the solution writers need."""
 
     id: str
     question: str
@@ -52,12 +54,8 @@ class ToyProblem:
     def canonical(self) -> str:
         return canonical_key(self.family, self.operands)
 
-    def to_problem(self):
-        """This problem as the project's generic ``Problem`` (falls back to self if that type is absent)."""
-        try:
-            from npr_pipelines.data.problems import Problem
-        except ImportError:  # the data module is not there yet: ToyProblem has the same four fields
-            return self
+    def to_problem(self) -> Problem:
+        """This problem as the project's generic ``Problem`` (id, question, answer, source)."""
         return Problem(id=self.id, question=self.question, answer=self.answer, source=self.source)
 
 

@@ -9,7 +9,7 @@ from npr_pipelines.rl import Registry, UnknownNameError
 
 
 def test_registered_names() -> None:
-    assert rl.REWARDS.names() == ("accuracy", "format_gated_accuracy")
+    assert rl.REWARDS.names() == ("accuracy", "format_gated_accuracy", "format_gated_accuracy_ranked")
     assert rl.ADVANTAGES.names() == ("grpo", "grpo_no_std", "papo")
     assert rl.POLICY_LOSSES.names() == ("dapo", "papo")
     assert rl.LOSS_AGGREGATIONS.names() == ("seq-mean-token-mean", "seq-mean-token-sum", "token-mean")

@@ -43,6 +43,7 @@ from npr_pipelines.rl.registry import (
 from npr_pipelines.rl.rewards import (
     accuracy_reward,
     format_gated_accuracy,
+    format_gated_accuracy_ranked,
     format_gated_reward_text,
     format_gated_rewards_text,
     overlong_penalty,
@@ -72,6 +73,7 @@ __all__ = [
     "dapo_policy_loss",
     "filter_mixed_groups",
     "format_gated_accuracy",
+    "format_gated_accuracy_ranked",
     "format_gated_reward_text",
     "format_gated_rewards_text",
     "get_advantage",

@@ -152,3 +152,36 @@ def format_gated_rewards_text(
         format_scores=torch.tensor(scores, dtype=torch.get_default_dtype()).reshape(-1),
         empty=torch.tensor([r == "" for r in responses], dtype=torch.bool).reshape(-1),
     )
+
+
+@register_reward("format_gated_accuracy_ranked")
+def format_gated_accuracy_ranked(
+    *,
+    correct: torch.Tensor,
+    format_scores: torch.Tensor | None = None,
+    empty: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``format_gated_accuracy`` with every format failure ranked below every format-valid response.
+
+    The stage-1 reward as specified puts a V1 deduction ``F`` in ``[-2, 0)`` on the scale of the
+    accuracy term ``±1``, so a response with a small deduction (``F = -0.2``) out-earns a perfectly
+    formatted wrong answer (-1), and a step-count failure (-1.0) earns the same. While the policy's
+    accuracy inside the format is below ``(1 + F) / 2`` RL is then paid to break the format (on the
+    toy world, whose base model is ~13% accurate in the format, validity rose then fell). Shifting
+    failures by -1 (``F - 1`` in ``[-3, -1)``, empty -3) keeps V1's shaping among failures and the
+    gate (accuracy counts only when the format passes) and restores: valid+correct (+1) > valid+wrong
+    (-1) > any failure.
+
+    Args:
+        correct: ``[B]`` bool.
+        format_scores: ``[B]`` float V1 scores (0 = perfect). Required.
+        empty: ``[B]`` bool or None.
+
+    Returns:
+        ``[B]`` float rewards.
+    """
+    reward = format_gated_accuracy(correct=correct, format_scores=format_scores, empty=empty)
+    failed = format_scores != 0
+    if empty is not None:
+        failed = failed | empty.bool()
+    return torch.where(failed, reward - 1.0, reward)

@@ -15,7 +15,7 @@ import torch
 from npr_pipelines.data import Problem
 from npr_pipelines.engine import Engine, EngineOutput, LogitsHook, Request, SamplingParams, TokenCodec
 from npr_pipelines.eval.runner import SampleRecord, score_output
-from npr_pipelines.rl import format_gated_accuracy, get_reward, overlong_penalty, register_reward
+from npr_pipelines.rl import get_reward, overlong_penalty
 from npr_pipelines.structure import TagVocab, format_score_v1
 
 #: Why a rollout was dropped before training (``None`` = kept).
@@ -53,39 +53,6 @@ class Rollout:
     @property
     def response_len(self) -> int:
         return len(self.output.response_ids)
-
-
-@register_reward("format_gated_accuracy_ranked")
-def format_gated_accuracy_ranked(
-    *,
-    correct: torch.Tensor,
-    format_scores: torch.Tensor | None = None,
-    empty: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """``format_gated_accuracy`` with every format failure ranked below every format-valid response.
-
-    The stage-1 reward as specified puts a V1 deduction ``F`` in ``[-2, 0)`` on the scale of the
-    accuracy term ``±1``, so a response with a small deduction (``F = -0.2``) out-earns a perfectly
-    formatted wrong answer (-1), and a step-count failure (-1.0) earns the same. While the policy's
-    accuracy inside the format is below ``(1 + F) / 2`` RL is then paid to break the format (on the
-    toy world, whose base model is ~13% accurate in the format, validity rose then fell). Shifting
-    failures by -1 (``F - 1`` in ``[-3, -1)``, empty -3) keeps V1's shaping among failures and the
-    gate (accuracy counts only when the format passes) and restores: valid+correct (+1) > valid+wrong
-    (-1) > any failure.
-
-    Args:
-        correct: ``[B]`` bool.
-        format_scores: ``[B]`` float V1 scores (0 = perfect). Required.
-        empty: ``[B]`` bool or None.
-
-    Returns:
-        ``[B]`` float rewards.
-    """
-    reward = format_gated_accuracy(correct=correct, format_scores=format_scores, empty=empty)
-    failed = format_scores != 0
-    if empty is not None:
-        failed = failed | empty.bool()
-    return torch.where(failed, reward - 1.0, reward)
 
 
 def structural_failure(out: EngineOutput, tags: TagVocab | None, codec: TokenCodec) -> str | None:

@@ -18,15 +18,6 @@ from npr_pipelines.training.rl import RLConfig, npr_zero_config, papo_config, sr
 from npr_pipelines.training.sft import SFTConfig
 
 
-def _apply(config: Any, values: Any) -> Any:
-    """``config`` with every field of ``values`` whose name it has."""
-    data = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
-    names = {f.name for f in dataclasses.fields(config)}
-    kept = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in names}
-    kept.pop("prompt", None)
-    return dataclasses.replace(config, **kept)
-
-
 def profile_prompt(profile: ToyProfile) -> PromptConfig:
     del profile  # every built-in profile is a toy profile; a real-model profile uses NPR_INSTRUCTION
     return TOY_PROMPT
@@ -43,9 +34,9 @@ def stage_configs(profile_name: str, seed: int = 0) -> dict[str, Any]:
     sr: RLConfig = (
         sr_config().with_stage_values(profile.papo).replace(prompt=prompt, seed=seed, mode="sequential")
     )
-    sft = dataclasses.replace(_apply(SFTConfig(), profile.parallel_sft), prompt=prompt, seed=seed)
+    sft = dataclasses.replace(SFTConfig().with_stage_values(profile.parallel_sft), prompt=prompt, seed=seed)
     rejection = dataclasses.replace(
-        _apply(RejectionConfig(), profile.rejection_sampling), prompt=prompt, seed=seed
+        RejectionConfig().with_stage_values(profile.rejection_sampling), prompt=prompt, seed=seed
     )
     return {
         "npr_zero": npr_zero,

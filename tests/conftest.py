@@ -45,3 +45,15 @@ def s3_endpoint() -> Iterator[str]:
 def s3_bucket(s3_endpoint: str) -> str:
     """A fresh, empty bucket on the local S3 endpoint."""
     return create_bucket(s3_endpoint)
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """One torch intra-op thread for a module of tiny-model tests: on a shared 2-core machine, intra-op
+    threads over tiny matrices only contend. Opt in with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

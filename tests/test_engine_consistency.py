@@ -16,13 +16,7 @@ from npr_pipelines.structure import Trace, encode_trace, parallel_layout, parse_
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices on a shared 2-core machine: intra-op threads only contend.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

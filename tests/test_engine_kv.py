@@ -7,7 +7,6 @@ import random
 from dataclasses import dataclass
 
 import pytest
-import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -28,12 +27,7 @@ from npr_pipelines.structure import Tag
 R = FinishReason
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_fork_shares_blocks_without_copying_and_join_concatenates() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from _support import byte_bpe_tokenizer
 
 from npr_pipelines.data import Problem
@@ -11,13 +10,7 @@ from npr_pipelines.engine import EngineOutput, FinishReason, TokenCodec
 from npr_pipelines.engine.testing import tiny_qwen3
 from npr_pipelines.eval.runner import EvalConfig, SampleRecord, evaluate_problems, score_output, summarize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_samples_are_deterministic_and_independent_of_chunking() -> None:

@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-import torch
 
 from npr_pipelines.engine import EngineConfig, FinishReason, Request
 from npr_pipelines.engine.testing import ScriptHook, tiny_qwen3, trace_script
@@ -21,13 +20,7 @@ from npr_pipelines.serve import Prompt, ServerThread, build_state, create_app, l
 from npr_pipelines.serve.api import sampling_params
 from npr_pipelines.structure import TagVocab, Trace
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

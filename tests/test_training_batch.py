@@ -20,13 +20,7 @@ from npr_pipelines.training.batch import (
     use_segment_attention,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trace(rng: random.Random, plans: list[int]) -> Trace:

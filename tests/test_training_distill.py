@@ -25,13 +25,7 @@ from npr_pipelines.training.distill import (
     run_rejection_sampling,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def good(a: int, b: int) -> str:

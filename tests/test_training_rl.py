@@ -23,12 +23,7 @@ from npr_pipelines.training.rl_stats import paired_bootstrap
 ANSWER = "7"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _save_tiny(path: Path, *, with_tags: bool) -> Path:

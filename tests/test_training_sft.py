@@ -22,12 +22,7 @@ from npr_pipelines.training.sft import SFTConfig, prepare_model, run_sft
 PROMPT = PromptConfig(instruction="Answer in the parallel format.", separator="\n")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -34,12 +34,7 @@ from npr_pipelines.training.strategy import (
 CC = CharCodec()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(seed: int = 1) -> torch.nn.Module:

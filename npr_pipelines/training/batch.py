@@ -52,7 +52,9 @@ class TrainSequence:
         return len(self.ids)
 
 
-def header_number_positions(table: SpanTable, ids: Sequence[int], vocab: TagVocab, encode: Encode) -> list[int]:
+def header_number_positions(
+    table: SpanTable, ids: Sequence[int], vocab: TagVocab, encode: Encode
+) -> list[int]:
     """Flattened indices of each step's header label tokens (the ``"k:"`` after ``<step>``).
 
     Under the parallel layout every sibling's ``<step>`` has the same context, so which label follows

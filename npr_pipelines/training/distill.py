@@ -47,6 +47,7 @@ from npr_pipelines.structure import (
 )
 from npr_pipelines.structure.tags import TAGS
 from npr_pipelines.tokenization import PromptConfig, has_tag_tokens, prompt_ids
+from npr_pipelines.training.overrides import apply_stage_values
 
 ATTEMPTS_FILE = "attempts.jsonl"
 CONFIG_FILE = "rejection_config.json"
@@ -102,14 +103,7 @@ class RejectionConfig:
     def with_stage_values(self, values: Any) -> RejectionConfig:
         """Overrides from another config object (e.g. a toy profile entry): every field of ``values``
         whose name is a field here (same convention as ``RLConfig.with_stage_values``)."""
-        data = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
-        names = {f.name for f in dataclasses.fields(self)}
-        kept = {k: v for k, v in data.items() if k in names}
-        if isinstance(kept.get("prompt"), dict):
-            kept["prompt"] = PromptConfig(**kept["prompt"])
-        if isinstance(kept.get("betas"), list):
-            kept["betas"] = tuple(kept["betas"])
-        return dataclasses.replace(self, **kept)
+        return apply_stage_values(self, values)
 
 
 @dataclass

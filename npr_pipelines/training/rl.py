@@ -51,6 +51,7 @@ from npr_pipelines.training.checkpoint import (
     read_state,
     save_checkpoint,
 )
+from npr_pipelines.training.overrides import apply_stage_values
 from npr_pipelines.training.result import StageResult
 from npr_pipelines.training.rl_rollout import HookFactory, Rollout, assign_rewards, generate_rollouts
 from npr_pipelines.training.strategy import OptimizerConfig, TorchStrategy, count_targets
@@ -130,14 +131,7 @@ class RLConfig:
     def with_stage_values(self, values: Any) -> RLConfig:
         """Overrides from another config object (e.g. a toy profile entry): every field of ``values``
         whose name is an ``RLConfig`` field."""
-        data = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
-        names = {f.name for f in dataclasses.fields(self)}
-        kept = {k: v for k, v in data.items() if k in names}
-        if isinstance(kept.get("prompt"), dict):
-            kept["prompt"] = PromptConfig(**kept["prompt"])
-        if isinstance(kept.get("betas"), list):
-            kept["betas"] = tuple(kept["betas"])
-        return dataclasses.replace(self, **kept)
+        return apply_stage_values(self, values)
 
     def lr_at(self, opt_step: int) -> float:
         """Learning rate of optimiser step ``opt_step`` (0-based)."""

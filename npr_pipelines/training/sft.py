@@ -56,6 +56,7 @@ from npr_pipelines.tokenization import (
 from npr_pipelines.training.batch import TrainSequence, sft_sequence, use_segment_attention
 from npr_pipelines.training.checkpoint import TRAINER_STATE, list_checkpoints, read_state, step_dir_name
 from npr_pipelines.training.distill import retokenize_trace
+from npr_pipelines.training.overrides import apply_stage_values
 from npr_pipelines.training.result import StageResult
 from npr_pipelines.training.strategy import (
     OptimizerConfig,
@@ -120,14 +121,7 @@ class SFTConfig:
     def with_stage_values(self, values: Any) -> SFTConfig:
         """Overrides from another config object (e.g. a toy profile entry): every field of ``values``
         whose name is a field here (same convention as ``RLConfig.with_stage_values``)."""
-        data = dataclasses.asdict(values) if dataclasses.is_dataclass(values) else dict(values)
-        names = {f.name for f in dataclasses.fields(self)}
-        kept = {k: v for k, v in data.items() if k in names}
-        if isinstance(kept.get("prompt"), dict):
-            kept["prompt"] = PromptConfig(**kept["prompt"])
-        if isinstance(kept.get("betas"), list):
-            kept["betas"] = tuple(kept["betas"])
-        return dataclasses.replace(self, **kept)
+        return apply_stage_values(self, values)
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Linear warmup over ``ceil(warmup_ratio * total)`` steps, then cosine to ``min_lr_ratio * lr``."""

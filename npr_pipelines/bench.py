@@ -88,22 +88,24 @@ def toy_model(n_prompts: int, path: str | Path | None = None) -> BenchModel:
     )
 
 
-def random_model(n_prompts: int, seed: int = 0) -> BenchModel:
-    """A random-init Qwen3 with the toy shape; characters are tokens and the tags single tokens."""
+#: Random-init shapes: ``toy`` matches the toy world; ``large`` (~0.2B parameters) is for GPUs, where
+#: a toy-sized model measures nothing but Python overhead.
+RANDOM_SHAPES: dict[str, dict[str, int]] = {
+    "toy": {"hidden_size": 128, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 32},
+    "large": {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 16,
+              "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 64},
+}  # fmt: skip
+
+
+def random_model(n_prompts: int, seed: int = 0, shape: str = "toy") -> BenchModel:
+    """A random-init Qwen3 (``RANDOM_SHAPES``); characters are tokens and the tags single tokens."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     cc = CharCodec()
     torch.manual_seed(seed)
     cfg = Qwen3Config(
-        vocab_size=576,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=32,
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,
+        vocab_size=576, max_position_embeddings=4096, tie_word_embeddings=True, **RANDOM_SHAPES[shape]
     )
     model = Qwen3ForCausalLM(cfg).eval()
     rng = random.Random(seed)
@@ -114,7 +116,15 @@ def random_model(n_prompts: int, seed: int = 0) -> BenchModel:
         )
         for _ in range(n_prompts)
     ]
-    return BenchModel(model, cc.codec(), cc.tags, prompts, "random", {"vocab": cfg.vocab_size})
+    n_params = sum(p.numel() for p in model.parameters())
+    return BenchModel(
+        model,
+        cc.codec(),
+        cc.tags,
+        prompts,
+        "random",
+        {"vocab": cfg.vocab_size, "shape": shape, "params": n_params},
+    )
 
 
 # --------------------------------------------------------------------------- traces
@@ -152,11 +162,18 @@ def make_traces(
 
 
 # --------------------------------------------------------------------------- measurements
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _clock() -> tuple[float, float]:
+    _sync()
     return time.perf_counter(), time.process_time()
 
 
 def _since(t0: tuple[float, float]) -> tuple[float, float]:
+    _sync()
     return time.perf_counter() - t0[0], time.process_time() - t0[1]
 
 
@@ -223,7 +240,7 @@ def engine_vs_generate(bm: BenchModel, batch: int, new_tokens: int, reps: int, c
     prompts = [p[-length:] for p in (bm.prompts * batch)[:batch]]  # equal lengths: no padding for generate
     no_eos = TokenCodec(encode=bm.codec.encode, decode=bm.codec.decode, eos_token_ids=frozenset({-1}))
     engine = Engine(bm.model, no_eos, None, config)
-    ids = torch.tensor(prompts)
+    ids = torch.tensor(prompts, device=_device(bm))
     gen_config = copy.deepcopy(bm.model.generation_config)
     gen_config.eos_token_id = None  # both sides decode exactly new_tokens tokens
     gen_config.pad_token_id = 0
@@ -285,17 +302,18 @@ def engine_vs_generate(bm: BenchModel, batch: int, new_tokens: int, reps: int, c
 def teacher_forced_diff(bm: BenchModel, outputs: Sequence[EngineOutput]) -> float:
     """Max |engine log-prob - trainer log-prob| over every sampled token of ``outputs``."""
     worst = 0.0
+    dev = _device(bm)
     for o in outputs:
         full = list(o.prompt_ids) + o.response_ids
         table = parse_tokens(o.response_ids, bm.tags, bm.codec.decode, offset=o.prompt_len)
         layout = parallel_layout(table)
         with torch.no_grad():
             logits = bm.model(
-                torch.tensor([full]),
-                attention_mask=layout.additive_mask(bm.model.dtype),
-                position_ids=torch.tensor([layout.position_ids]),
+                torch.tensor([full], device=dev),
+                attention_mask=layout.additive_mask(bm.model.dtype).to(dev),
+                position_ids=torch.tensor([layout.position_ids], device=dev),
             ).logits[0]
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         p = o.prompt_len
         for i, lp in enumerate(o.logprobs):
             if lp is not None:
@@ -303,7 +321,11 @@ def teacher_forced_diff(bm: BenchModel, outputs: Sequence[EngineOutput]) -> floa
     return worst
 
 
-def machine(threads: int) -> dict:
+def _device(bm: BenchModel) -> torch.device:
+    return next(bm.model.parameters()).device
+
+
+def machine(threads: int, device: str = "cpu") -> dict:
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -312,7 +334,10 @@ def machine(threads: int) -> dict:
         pass
     import transformers
 
+    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
     return {
+        "device": device,
+        "gpu": gpu,
         "cpu": cpu,
         "logical_cpus": os.cpu_count(),
         "torch_threads": threads,
@@ -341,6 +366,8 @@ def run(
     block_size: int = 16,
     step_tokens: tuple[int, int] = (20, 60),
     model_path: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict:
     torch.set_num_threads(threads)
     t_start = time.perf_counter()
@@ -357,7 +384,8 @@ def run(
                 raise
             fallback = f"toy model unavailable ({type(exc).__name__}: {exc}); random-init toy-shaped model"
     if bm is None:
-        bm = random_model(max(n_traces, 16), seed)
+        bm = random_model(max(n_traces, 16), seed, "large" if model == "large" else "toy")
+    bm.model.to(device=device, dtype=getattr(torch, dtype))
     config = EngineConfig(num_blocks=4096, block_size=block_size)
     traces = make_traces(n_traces, bm.codec.encode, seed, step_tokens)
 
@@ -398,7 +426,8 @@ def run(
         "teacher_forced_max_abs_logprob_diff": tf,
         "parallel_speedup_cpu": seq_cpu / par_cpu,
         "efficiency_cpu": seq_cpu / par_cpu / cpr,
-        "machine": machine(threads),
+        "machine": machine(threads, device),
+        "dtype": dtype,
         "model": {"source": bm.source, "fallback": fallback, **bm.detail},
         "traces": {
             "n": len(outputs),
@@ -427,7 +456,10 @@ def run(
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", choices=["auto", "toy", "random"], default="auto")
+    ap.add_argument("--model", choices=["auto", "toy", "random", "large"], default="auto",
+                    help="large: a random-init ~0.2B Qwen3 (for GPUs)")  # fmt: skip
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--model-path", default=None, help="a saved model directory instead of the toy bootstrap")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("NPR_BENCH_THREADS", "1")))
     ap.add_argument("--traces", type=int, default=12)
@@ -446,6 +478,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.seed,
         step_tokens=tuple(args.step_tokens),
         model_path=args.model_path,
+        device=args.device,
+        dtype=args.dtype,
     )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".json.tmp")

@@ -5,6 +5,7 @@ memory linear in the sequence length."""
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -61,7 +62,7 @@ def make_batch(seed: int, n: int = 4, extra_pad: int = 3, chunk: int = attn.DEFA
     return input_ids, labels, batch
 
 
-def tiny_model(seed: int = 0) -> Qwen3ForCausalLM:
+def tiny_model(seed: int = 0, head_dim: int = 8) -> Qwen3ForCausalLM:
     torch.manual_seed(seed)
     config = Qwen3Config(
         vocab_size=VOCAB,
@@ -70,7 +71,7 @@ def tiny_model(seed: int = 0) -> Qwen3ForCausalLM:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=8,
+        head_dim=head_dim,
         max_position_embeddings=512,
     )
     return Qwen3ForCausalLM(config)
@@ -251,11 +252,20 @@ def test_flex_block_mask_equals_create_block_mask_and_the_layout_rule() -> None:
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.dense_reference_mask(), enable_gqa=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
+    # The padded variant the compiled CUDA path uses (static shapes): inputs padded to whole tiles.
+    tiles = -(-n // attn.FLEX_BLOCK) * attn.FLEX_BLOCK
+    assert tiles > n
+    qp, kp, vp = (F.pad(t, (0, 0, 0, tiles - n)) for t in (q, k, v))
+    with torch.no_grad(), warnings.catch_warnings():  # the eager-flex warning is only given once
+        warnings.simplefilter("ignore")
+        padded = flex_attention(qp, kp, vp, block_mask=batch.block_mask("cpu", padded=True), enable_gqa=True)
+    torch.testing.assert_close(padded[:, :, :n], ref, atol=1e-5, rtol=1e-5)
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention training needs CUDA")
 def test_flex_attention_on_cuda_equals_dense_with_gradients() -> None:
-    model = tiny_model().train().cuda()
+    model = tiny_model(head_dim=16).train().cuda()  # FlexAttention's kernels need head_dim >= 16
     input_ids, labels, batch = make_batch(17, n=4)
     input_ids, labels = input_ids.cuda(), labels.cuda()
     batch = batch.to("cuda")

@@ -181,8 +181,11 @@ class SegmentBatch:
             out[i, 0, :m, :m] = layout.additive_mask(dtype)[0, 0]
         return out.to(self.device)
 
-    def block_mask(self, device: torch.device | str | None = None, block: int = FLEX_BLOCK):
-        """FlexAttention ``BlockMask`` of this batch, built once per device.
+    def block_mask(
+        self, device: torch.device | str | None = None, block: int = FLEX_BLOCK, padded: bool = False
+    ):
+        """FlexAttention ``BlockMask`` of this batch, built once per device; ``padded``: for inputs padded
+        to whole tiles (padding positions see causally, so no real query sees them).
 
         ``create_block_mask`` would materialise the dense [B, 1, L, L] mask unless compiled; here the
         block classification (empty / partial / full per ``block`` x ``block`` tile) is reduced from one
@@ -191,7 +194,7 @@ class SegmentBatch:
         from torch.nn.attention.flex_attention import _create_sparse_block_from_block_mask
 
         device = torch.device(device) if device is not None else self.device
-        key = ("block_mask", str(device), block)
+        key = ("block_mask", str(device), block, padded)
         if key in self._cache:
             return self._cache[key]
         on = self if self.device == device else self.to(device)
@@ -221,8 +224,9 @@ class SegmentBatch:
             other_branch = branch_ids[b, q_idx] != branch_ids[b, kv_idx]
             return (kv_idx <= q_idx) & ~(same_block & other_branch)
 
+        length = tiles * block if padded else n
         self._cache[key] = _create_sparse_block_from_block_mask(
-            (partial, full), mask_mod, (n, n), block, block
+            (partial, full), mask_mod, (length, length), block, block
         )
         return self._cache[key]
 
@@ -383,22 +387,29 @@ def _flex(
 ) -> torch.Tensor:
     """FlexAttention with the batch's ``BlockMask`` (CUDA).
 
-    Compiled once per process with automatic dynamic shapes; padding batches to a multiple of
-    ``FLEX_BLOCK`` keeps the number of distinct shapes (and recompiles) small.
+    Compiled with static shapes, the inputs padded to whole ``FLEX_BLOCK`` tiles: one compile per tile
+    count. (A dynamic-shape compile, which torch picks after the second length, has no lowering for
+    flex attention on torch 2.11.) Padded queries are sliced off; padded keys lie after every real
+    query, so the causal rule hides them.
     """
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
 
     if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention)
-    return _compiled_flex(
+        _compiled_flex = torch.compile(flex_attention, dynamic=False)
+    n = query.shape[2]
+    pad = -(-n // FLEX_BLOCK) * FLEX_BLOCK - n
+    if pad:
+        query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
+    out = _compiled_flex(
         query,
         key,
         value,
-        block_mask=batch.block_mask(query.device),
+        block_mask=batch.block_mask(query.device, padded=True),
         scale=scale,
         enable_gqa=query.shape[1] != key.shape[1],
     )
+    return out[:, :, :n] if pad else out
 
 
 def segment_attention(

@@ -106,6 +106,7 @@ class RLConfig:
     save_every: int = 0  # RL steps between checkpoints (0: final only)
     num_threads: int | None = None  # torch CPU threads for the run (None: leave as is)
     dtype: str = "float32"
+    device: str = "cpu"  # the policy, its optimiser and the rollout engine share it
     engine_blocks: int = 4096
     engine_block_size: int = 16
     prompt: PromptConfig = field(default_factory=PromptConfig)
@@ -290,6 +291,7 @@ class _Run:
         self.tokenizer = AutoTokenizer.from_pretrained(str(source))
         dtype = getattr(torch, config.dtype)
         self.model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype, trust_remote_code=False)
+        self.model.to(config.device)
         use_segment_attention(self.model)
         self.strategy = TorchStrategy()
         self.strategy.setup(

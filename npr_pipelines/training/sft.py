@@ -102,6 +102,7 @@ class SFTConfig:
     save_every: int = 1000  # 0: final checkpoint only
     prompt: PromptConfig = field(default_factory=PromptConfig)
     num_threads: int | None = None  # torch threads while training (None: leave as is)
+    device: str = "cpu"  # "cuda" trains with FlexAttention for the parallel layout
 
     def __post_init__(self) -> None:
         if self.layout not in LAYOUTS:
@@ -331,6 +332,7 @@ def _train(
     t_start: float,
 ) -> StageResult:
     model, tokenizer, vocab, tag_report = prepare_model(init_dir, config.seed)
+    model.to(config.device)
     examples, dropped = tokenize_corpus(corpus_rows, tokenizer, vocab, config)
     if not examples:
         raise ValueError("no corpus row fits max_length: nothing to train on")

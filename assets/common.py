@@ -1,18 +1,39 @@
 """What every stage asset shares: run keys, checkpoint publishing and references, Ray dispatch, plots."""
 
-from __future__ import annotations
-
 import base64
 import hashlib
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from npr_pipelines.storage import Storage
+from npr_pipelines.storage.checkpoints import (
+    checkpoint_key,
+    checkpoint_ref,
+    manifest_version,
+    publish_checkpoint,
+    read_checkpoint,
+    record_checkpoint,
+)
+
+__all__ = [
+    "CHECKPOINTS",
+    "checkpoint_key",
+    "checkpoint_metadata",
+    "checkpoint_ref",
+    "curve_plot",
+    "manifest_version",
+    "numeric_metadata",
+    "png_markdown",
+    "publish_checkpoint",
+    "read_checkpoint",
+    "record_checkpoint",
+    "register_checkpoints",
+    "run_key",
+    "run_on_ray",
+]
 
 CHECKPOINTS = dg.DynamicPartitionsDefinition(name="checkpoints")
 
@@ -24,40 +45,6 @@ def run_key(stage: str, config: Mapping[str, Any], upstream_versions: Sequence[s
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def checkpoint_key(stage: str, step: int | None) -> str:
-    """The dynamic partition key of a checkpoint: ``<stage>-<step:06d>``, or ``base``."""
-    return "base" if stage == "base" else f"{stage}-{int(step or 0):06d}"
-
-
-def manifest_version(storage: Storage, uri: str) -> str:
-    """A data version for a published directory: a digest of its manifest's file entries."""
-    manifest = storage.read_manifest(uri)
-    entries = sorted((name, e.size, e.sha256) for name, e in manifest.files.items())
-    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:24]
-
-
-def publish_checkpoint(storage: Storage, stage: str, key: str, step: int, local_dir: Path) -> tuple[str, str]:
-    """Publish a local checkpoint directory (once) and return (uri, data version)."""
-    uri = storage.uri("checkpoints", stage, key, f"step-{step:06d}")
-    if not storage.is_published(uri):
-        storage.publish_dir(local_dir, uri)
-    return uri, manifest_version(storage, uri)
-
-
-def checkpoint_ref(*, stage: str, step: int, uri: str, data_version: str, run_id: str | None,
-                   metrics: Mapping[str, Any] | None = None, partition: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """What a checkpoint asset stores through the IO manager: a pointer, never the weights."""
-    return {
-        "stage": stage,
-        "step": step,
-        "uri": uri,
-        "data_version": data_version,
-        "mlflow_run_id": run_id,
-        "partition": partition or checkpoint_key(stage, step),
-        "metrics": dict(metrics or {}),
-    }
-
-
 def checkpoint_metadata(ref: Mapping[str, Any], mlflow_url: str | None) -> dict[str, dg.MetadataValue]:
     out = {
         "uri": dg.MetadataValue.path(ref["uri"]),
@@ -67,18 +54,6 @@ def checkpoint_metadata(ref: Mapping[str, Any], mlflow_url: str | None) -> dict[
     if mlflow_url:
         out["mlflow_url"] = dg.MetadataValue.url(mlflow_url)
     return out
-
-
-def record_checkpoint(storage: Storage, ref: Mapping[str, Any]) -> None:
-    """Write the checkpoint index entry that evaluation resolves a partition key with."""
-    storage.write_json(f"checkpoints/index/{ref['partition']}.json", dict(ref))
-
-
-def read_checkpoint(storage: Storage, partition: str) -> dict[str, Any]:
-    uri = f"checkpoints/index/{partition}.json"
-    if not storage.exists(uri):
-        raise KeyError(f"checkpoint {partition!r} is not recorded under {storage.uri(uri)}")
-    return storage.read_json(uri)
 
 
 def register_checkpoints(instance: dg.DagsterInstance, keys: Sequence[str]) -> None:

@@ -1,6 +1,7 @@
 """The training stages as assets: NPR-Zero, self-distillation, NPR-Beta (parallel SFT), NPR (PAPO),
 and the ablations SR-Beta (sequential SFT) and SR (sequential RL). Each is a thin call of a library
-driver through ``run_training_stage`` (Ray task, MLflow run, resumable workdir, published checkpoints)."""
+driver through ``run_training_stage`` (a Ray task, or a Ray Job through Pipes in the cluster profile;
+MLflow run, resumable workdir, published checkpoints)."""
 
 import json
 from pathlib import Path
@@ -15,8 +16,6 @@ from assets.configs import stage_configs
 from assets.data import frame_version
 from assets.stage_runner import local_model_dir, problems_of, run_training_stage
 from npr_pipelines.training.distill import RejectionConfig, build_corpus
-from npr_pipelines.training.rl import run_npr_zero, run_papo, run_sr
-from npr_pipelines.training.sft import run_sft
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
 
 GROUP = "training"
@@ -33,17 +32,15 @@ def npr_zero_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Stage 1: DAPO RL with sequential rollouts and the format-gated accuracy reward."""
-    return _rl_stage(context, "npr_zero", "npr_zero_policy", run_npr_zero, base_model, train_problems, settings,
+    return _rl_stage(context, "npr_zero", "npr_zero_policy", "npr_zero", base_model, train_problems, settings,
                      storage, mlflow, ray)  # fmt: skip
 
 
-def _rl_stage(context, stage: str, asset: str, driver, init_ref: dict, train_problems: pd.DataFrame, settings,
-              storage, mlflow, ray) -> dg.Output[dict]:  # fmt: skip
+def _rl_stage(context, stage: str, asset: str, driver: str, init_ref: dict, train_problems: pd.DataFrame,
+              settings, storage, mlflow, ray) -> dg.Output[dict]:  # fmt: skip
     config = stage_configs(settings.profile, settings.seed)[stage]
-    init = local_model_dir(settings, storage.get(), init_ref)
     return run_training_stage(
-        context, stage=stage, asset=asset, driver=driver,
-        driver_args=(str(init), problems_of(train_problems)), driver_kwargs={"config": config}, config=config,
+        context, stage=stage, asset=asset, driver=driver, init=init_ref, data=train_problems, config=config,
         upstream=[init_ref], extra_versions=[frame_version(train_problems)],
         settings=settings, storage=storage, mlflow=mlflow, ray=ray,
     )  # fmt: skip
@@ -137,10 +134,8 @@ def _accepted_rows(attempts: pd.DataFrame) -> list[dict[str, Any]]:
 def _sft_stage(context, stage: str, asset: str, base_model: dict, corpus: pd.DataFrame, settings, storage, mlflow,
                ray) -> dg.Output[dict]:  # fmt: skip
     config = stage_configs(settings.profile, settings.seed)[stage]
-    init = local_model_dir(settings, storage.get(), base_model)
-    rows = corpus.to_dict("records")
     return run_training_stage(
-        context, stage=stage, asset=asset, driver=run_sft, driver_args=(str(init), rows, config), config=config,
+        context, stage=stage, asset=asset, driver="sft", init=base_model, data=corpus, config=config,
         upstream=[base_model], extra_versions=[frame_version(corpus)],
         settings=settings, storage=storage, mlflow=mlflow, ray=ray, plot_keys=("loss",),
     )  # fmt: skip
@@ -187,7 +182,7 @@ def npr_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Stage 3: PAPO with parallel rollouts in the NPR engine."""
-    return _rl_stage(context, "npr", "npr_policy", run_papo, npr_beta_checkpoint, train_problems, settings,
+    return _rl_stage(context, "npr", "npr_policy", "papo", npr_beta_checkpoint, train_problems, settings,
                      storage, mlflow, ray)  # fmt: skip
 
 
@@ -202,7 +197,7 @@ def sr_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Ablation: PAPO's objective with sequential rollouts, from SR-Beta."""
-    return _rl_stage(context, "sr", "sr_policy", run_sr, sr_beta_checkpoint, train_problems, settings, storage,
+    return _rl_stage(context, "sr", "sr_policy", "sr", sr_beta_checkpoint, train_problems, settings, storage,
                      mlflow, ray)  # fmt: skip
 
 

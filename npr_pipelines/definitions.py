@@ -2,6 +2,8 @@
 
 Resources default to the embedded profile: local Ray on 127.0.0.1, storage and MLflow under
 ``$NPR_HOME`` (``.npr``). ``NPR_PROFILE`` picks the stage configs (``default``, ``small``).
+``NPR_RAY_JOBS_ADDRESS`` (a Ray dashboard URL) selects the cluster profile for training stages: each is
+submitted as a Ray Job through dagster-ray Pipes (``resources/ray.py``).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
             ),
             "storage": StorageResource(),
             "mlflow": MlflowResource(),
-            "ray": RayResource(address=os.environ.get("NPR_RAY_ADDRESS", "")),
+            "ray": RayResource(
+                address=os.environ.get("NPR_RAY_ADDRESS", ""),
+                job_submission_address=os.environ.get("NPR_RAY_JOBS_ADDRESS", ""),
+            ),
             "io_manager": NprIOManager(),
         },
     )

@@ -116,6 +116,16 @@ class StageRun:
         return version.version
 
 
+def attach_stage_run(tracking_uri: str, run_id: str, ui_url: str | None = None) -> StageRun:
+    """An open run created elsewhere, for a process handed its id (a stage's Ray job logging into its
+    asset's run). The run must exist and be RUNNING: its owner opens and closes it."""
+    client = _client(tracking_uri)
+    info = client.get_run(run_id).info  # MlflowException for an unknown id
+    if info.status != "RUNNING":
+        raise ValueError(f"MLflow run {run_id} is {info.status}, not RUNNING: its owner has closed it")
+    return StageRun(client, run_id, info.experiment_id, resumed=True, ui_url=ui_url)
+
+
 class Tracker:
     """Creates, finds and closes stage runs in one experiment."""
 

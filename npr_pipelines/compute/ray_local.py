@@ -181,6 +181,29 @@ def token_auth_enabled() -> bool:
     return get_authentication_mode() == AuthenticationMode.TOKEN
 
 
+def enable_jobs_client_auth() -> bool:
+    """Make this process's Ray Jobs clients (``JobSubmissionClient``, ``PipesRayJobClient``) send the
+    cluster's token, and return whether they will.
+
+    An explicit ``RAY_AUTH_MODE`` is respected. Unset, token mode is turned on when a token is available
+    (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``), as Ray does for clusters it
+    finds itself; Ray reads the token, this module never does.
+    """
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            _enable_token_auth,
+            maybe_enable_token_auth_if_token_available,
+        )
+    except ImportError:  # pragma: no cover - other Ray versions
+        return token_auth_enabled()
+    mode = os.environ.get(_AUTH_MODE_VAR)
+    if mode is None:
+        maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    elif mode.lower() == "token" and not token_auth_enabled():
+        _enable_token_auth()  # set after Ray cached its config: refresh it
+    return token_auth_enabled()
+
+
 def _describe(context: Any | None, *, started_locally: bool, fallback_address: str | None) -> RayInfo:
     import ray
 

@@ -59,6 +59,18 @@ def local_model_dir(settings: PipelineSettings, storage: Storage, ref: Mapping[s
     return path
 
 
+#: Record fields shown in the per-step progress line of a stage.
+PROGRESS_KEYS = (
+    "loss",
+    "reward_mean",
+    "accuracy",
+    "format_valid_rate",
+    "trigger_rate",
+    "rollout_s",
+    "train_s",
+)
+
+
 def _stage_task(driver: str, init_dir: str, records: list[dict[str, Any]], config: Any, workdir: str,
                 storage_uri: str, stage: str, key: str, run_id: str, threads: int) -> dict[str, Any]:  # fmt: skip
     """Ray task body: run the driver, publishing each checkpoint as soon as it is written."""
@@ -70,7 +82,13 @@ def _stage_task(driver: str, init_dir: str, records: list[dict[str, Any]], confi
     def on_checkpoint(step: int, path: Path) -> None:
         publish_stage_checkpoint(storage, stage, key, step, Path(path), run_id)
 
-    result = get_driver(driver).run(init_dir, records, config, workdir, on_checkpoint=on_checkpoint)
+    def on_log(record: dict[str, Any]) -> None:  # progress while it runs (Ray forwards worker stdout)
+        shown = [f"{k} {record[k]:.4g}" for k in PROGRESS_KEYS if isinstance(record.get(k), int | float)]
+        print(f"{stage} step {record.get('step')}: " + ", ".join(shown), flush=True)
+
+    result = get_driver(driver).run(
+        init_dir, records, config, workdir, on_checkpoint=on_checkpoint, on_log=on_log
+    )
     for step, path in result.checkpoints:  # a resumed run may hold checkpoints written before a crash
         on_checkpoint(step, path)
     return {

@@ -28,9 +28,10 @@ ui: $(STAMP)
 	$(PY) -m npr_pipelines.cli ui
 
 # Engine figures on the toy model (parallel vs sequential replay, vs transformers.generate, KV memory):
-# writes .npr/bench/engine.json.
+# .npr/bench/engine.json; parallel-SFT attention step time and peak memory: .npr/bench/training.json.
 bench: $(STAMP)
 	$(PY) -m npr_pipelines.bench
+	$(PY) -m npr_pipelines.training.bench_attention --out .npr/bench/training.json
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

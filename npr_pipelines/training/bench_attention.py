@@ -319,5 +319,23 @@ def run_attention_bench(batch_size: int = 32, steps: int = 6, threads: int | Non
     return result
 
 
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    from pathlib import Path
+
+    ap = argparse.ArgumentParser(description="parallel-SFT attention benchmark (step time, peak memory)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the JSON here (atomically)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    text = json.dumps(run_attention_bench(threads=args.threads), indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".json.tmp")
+        tmp.write_text(text)
+        tmp.replace(args.out)
+    return 0
+
+
 if __name__ == "__main__":
-    print(json.dumps(run_attention_bench(), indent=2))
+    raise SystemExit(main())

@@ -24,6 +24,7 @@ __all__ = [
     "checkpoint_metadata",
     "checkpoint_ref",
     "curve_plot",
+    "log_asset_inputs",
     "manifest_version",
     "numeric_metadata",
     "png_markdown",
@@ -61,6 +62,21 @@ def register_checkpoints(instance: dg.DagsterInstance, keys: Sequence[str]) -> N
     new = [k for k in keys if not instance.has_dynamic_partition(CHECKPOINTS.name, k)]
     if new:
         instance.add_dynamic_partitions(CHECKPOINTS.name, new)
+
+
+def log_asset_inputs(run: Any, inputs: Mapping[str, tuple[Any, str]], storage: Any) -> None:
+    """Log upstream asset values into an MLflow stage run as dataset inputs, one per asset (name = the
+    asset), whose digest is the asset's Dagster data version: a DataFrame as itself (source: where the IO
+    manager stores it), a checkpoint reference as one row of its scalar fields (source: its URI)."""
+    import pandas as pd
+
+    for asset, (value, version) in inputs.items():
+        if isinstance(value, pd.DataFrame):
+            df, source, kind = value, storage.uri("io", f"{asset}.parquet"), "training"
+        else:
+            scalars = {k: v for k, v in value.items() if isinstance(v, str | int | float | None)}
+            df, source, kind = pd.DataFrame([scalars]), str(value["uri"]), "checkpoint"
+        run.log_input(df, name=asset, source=source, digest=version, context=kind)
 
 
 def run_on_ray(fn: Callable[..., Any], *args: Any, num_cpus: int = 1, **kwargs: Any) -> Any:

@@ -8,13 +8,15 @@ import pandas as pd
 from dagster import AssetExecutionContext
 
 from npr_pipelines.eval.benchmarks import REGISTRY, benchmark_uri, load_benchmark
-from npr_pipelines.toy.problems import TEST, TRAIN, generate_problems
+from npr_pipelines.toy.problems import DEV, TEST, TRAIN, generate_problems
 from npr_pipelines.toy.profiles import get_profile
 from resources import PipelineSettings
 
-#: Every registered benchmark is a static partition of ``benchmark_scores``; the toy held-out split is
-#: what the embedded default evaluates on.
+#: Every registered benchmark is a static partition of ``benchmark_scores``; the toy held-out test split
+#: is what the embedded default evaluates on.
 TOY_BENCHMARK = "toy_test"
+#: The built-in benchmarks: the toy world's held-out splits (disjoint from train and from each other).
+TOY_SPLITS = {TOY_BENCHMARK: TEST, "toy_dev": DEV}
 BENCHMARKS = dg.StaticPartitionsDefinition(sorted(REGISTRY))
 
 
@@ -41,11 +43,12 @@ def train_problems(context: AssetExecutionContext, settings: PipelineSettings) -
 
 @dg.asset(group_name="data", kinds={"parquet"}, code_version="1")
 def benchmarks(context: AssetExecutionContext, settings: PipelineSettings) -> dg.Output[pd.DataFrame]:
-    """Held-out problems with a ``benchmark`` column: the toy test split, plus every registered
+    """Held-out problems with a ``benchmark`` column: the toy held-out splits, plus every registered
     benchmark whose file exists under ``settings.benchmark_root`` (local directory or ``s3://``)."""
     profile = get_profile(settings.profile)
     frames = [
-        _problems_frame(TEST, profile.eval.n_problems, settings.seed, profile).assign(benchmark=TOY_BENCHMARK)
+        _problems_frame(split, profile.eval.n_problems, settings.seed, profile).assign(benchmark=name)
+        for name, split in TOY_SPLITS.items()
     ]
     missing = []
     if settings.benchmark_root:

@@ -27,6 +27,7 @@ from assets.common import (
     checkpoint_key,
     checkpoint_metadata,
     curve_plot,
+    log_asset_inputs,
     numeric_metadata,
     register_checkpoints,
     run_key,
@@ -168,6 +169,7 @@ def run_training_stage(
     mlflow: MlflowResource,
     ray: RayResource,
     plot_keys: Sequence[str] = ("reward_mean", "accuracy", "loss"),
+    inputs: Mapping[str, tuple[Any, str]] | None = None,
 ) -> dg.Output[dict]:
     """Train ``config`` with the registered ``driver`` from the checkpoint ``init`` on ``data`` (problems
     or corpus rows) under an MLflow stage run, as a Ray task or a Ray Job (see the module docstring), and
@@ -184,6 +186,7 @@ def run_training_stage(
         upstream_run_ids=[u["mlflow_run_id"] for u in upstream if u.get("mlflow_run_id")],
     ) as run:  # fmt: skip
         run.log_params({"config": cfg})
+        log_asset_inputs(run, inputs or {}, store)  # upstream asset -> (value, Dagster data version)
         if ray.uses_ray_jobs():
             out = _run_ray_job(context, run, stage=stage, key=key, driver=driver, init=init, records=records,
                                cfg=cfg, tracking_uri=tracker.tracking_uri, store=store, ray=ray)  # fmt: skip

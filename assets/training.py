@@ -3,6 +3,7 @@ and the ablations SR-Beta (sequential SFT) and SR (sequential RL). Each is a thi
 driver through ``run_training_stage`` (a Ray task, or a Ray Job through Pipes in the cluster profile;
 MLflow run, resumable workdir, published checkpoints)."""
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import dagster as dg
 import pandas as pd
 from dagster import AssetExecutionContext
 
-from assets.common import run_key, run_on_ray
+from assets.common import log_asset_inputs, run_key, run_on_ray
 from assets.configs import stage_configs
 from assets.data import frame_version
 from assets.stage_runner import local_model_dir, problems_of, run_training_stage
@@ -32,17 +33,19 @@ def npr_zero_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Stage 1: DAPO RL with sequential rollouts and the format-gated accuracy reward."""
-    return _rl_stage(context, "npr_zero", "npr_zero_policy", "npr_zero", base_model, train_problems, settings,
-                     storage, mlflow, ray)  # fmt: skip
+    return _rl_stage(context, "npr_zero", "npr_zero_policy", "npr_zero", "base_model", base_model, train_problems,
+                     settings, storage, mlflow, ray)  # fmt: skip
 
 
-def _rl_stage(context, stage: str, asset: str, driver: str, init_ref: dict, train_problems: pd.DataFrame,
-              settings, storage, mlflow, ray) -> dg.Output[dict]:  # fmt: skip
+def _rl_stage(context, stage: str, asset: str, driver: str, init_asset: str, init_ref: dict,
+              train_problems: pd.DataFrame, settings, storage, mlflow, ray) -> dg.Output[dict]:  # fmt: skip
     config = stage_configs(settings.profile, settings.seed)[stage]
+    problems_version = frame_version(train_problems)
     return run_training_stage(
         context, stage=stage, asset=asset, driver=driver, init=init_ref, data=train_problems, config=config,
-        upstream=[init_ref], extra_versions=[frame_version(train_problems)],
+        upstream=[init_ref], extra_versions=[problems_version],
         settings=settings, storage=storage, mlflow=mlflow, ray=ray,
+        inputs={init_asset: (init_ref, init_ref["data_version"]), "train_problems": (train_problems, problems_version)},
     )  # fmt: skip
 
 
@@ -89,17 +92,21 @@ def cold_start_traces(
         upstream_run_ids=[npr_zero_policy["mlflow_run_id"]] if npr_zero_policy.get("mlflow_run_id") else [],
     ) as run:  # fmt: skip
         run.log_params({"config": json.loads(json.dumps(config.to_dict(), default=str))})
+        log_asset_inputs(run, {"npr_zero_policy": (npr_zero_policy, npr_zero_policy["data_version"]),
+                               "train_problems": (train_problems, frame_version(train_problems))},
+                         storage.get())  # fmt: skip
         ray.ensure()
         out = run_on_ray(_rejection_task, str(policy), problems, config, str(workdir), ray.training_cpus(),
                          num_cpus=ray.training_cpus())  # fmt: skip
         summary = {k: v for k, v in out["summary"].items() if isinstance(v, int | float)}
         run.log_metrics(summary)
         run.log_artifact(out["attempts_path"])
-    attempts = pd.read_json(out["attempts_path"], lines=True)
+    attempts = _with_problems(pd.read_json(out["attempts_path"], lines=True), problems)
     accepted = pd.DataFrame(out["accepted"])
     storage.get().write_bytes(f"corpus/{key}/accepted.json", json.dumps(out["accepted"]).encode())
     return dg.Output(
         attempts,
+        data_version=dg.DataVersion(records_version(attempts)),
         metadata={
             "accepted": len(accepted),
             "problems_offered": len(problems),
@@ -118,26 +125,56 @@ def self_distilled_corpus(
     """Accepted traces, de-duplicated and disjoint from every held-out benchmark (rule in metadata)."""
     accepted = _accepted_rows(cold_start_traces)
     rows, report = build_corpus(accepted, benchmarks[["id", "question"]].to_dict("records"))
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(rows, columns=list(CORPUS_FIELDS))
     return dg.Output(
         df,
+        data_version=dg.DataVersion(frame_version(df)),
         metadata={"rows": len(df), "rule": report["rule"], "report": dg.MetadataValue.json(report)},
     )
 
 
+#: A corpus row: the fields of ``RejectionResult.accepted`` (``tries`` counts the accepted try).
+CORPUS_FIELDS = ("problem_id", "question", "answer", "source", "text", "tries", "seed", "format_score",
+                 "response_tokens")  # fmt: skip
+
+
+def records_version(df: pd.DataFrame) -> str:
+    """A data version for a frame with list-valued columns (``frame_version`` hashes scalars only)."""
+    return hashlib.sha256(df.to_json(orient="records", lines=True).encode()).hexdigest()[:24]
+
+
+def _with_problems(attempts: pd.DataFrame, problems: list) -> pd.DataFrame:
+    """Attempts with their problem's question, answer and source, and its position among the offered
+    problems (``problem_index``), so the corpus can be built from this frame alone."""
+    if attempts.empty:
+        return attempts
+    info = pd.DataFrame(
+        [{"problem_id": p.id, "problem_index": i, "question": p.question, "answer": p.answer, "source": p.source}
+         for i, p in enumerate(problems)]
+    )  # fmt: skip
+    return attempts.merge(info, on="problem_id", how="left", validate="many_to_one")
+
+
 def _accepted_rows(attempts: pd.DataFrame) -> list[dict[str, Any]]:
-    """The accepted attempt of each problem (the first correct and format-perfect one)."""
-    kept = attempts[attempts["accepted"]].sort_values(["problem_id", "try"]).drop_duplicates("problem_id")
-    return kept.to_dict("records")
+    """The accepted attempt of each problem (the first correct and format-perfect one), in the order the
+    problems were offered, as corpus rows."""
+    if attempts.empty:
+        return []
+    kept = attempts[attempts["accepted"].astype(bool)].sort_values(["problem_index", "try"])
+    kept = kept.drop_duplicates("problem_id")
+    return kept.assign(tries=kept["try"] + 1)[list(CORPUS_FIELDS)].to_dict("records")
 
 
 def _sft_stage(context, stage: str, asset: str, base_model: dict, corpus: pd.DataFrame, settings, storage, mlflow,
                ray) -> dg.Output[dict]:  # fmt: skip
     config = stage_configs(settings.profile, settings.seed)[stage]
+    corpus_version = frame_version(corpus)
     return run_training_stage(
         context, stage=stage, asset=asset, driver="sft", init=base_model, data=corpus, config=config,
-        upstream=[base_model], extra_versions=[frame_version(corpus)],
+        upstream=[base_model], extra_versions=[corpus_version],
         settings=settings, storage=storage, mlflow=mlflow, ray=ray, plot_keys=("loss",),
+        inputs={"base_model": (base_model, base_model["data_version"]),
+                "self_distilled_corpus": (corpus, corpus_version)},
     )  # fmt: skip
 
 
@@ -182,8 +219,8 @@ def npr_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Stage 3: PAPO with parallel rollouts in the NPR engine."""
-    return _rl_stage(context, "npr", "npr_policy", "papo", npr_beta_checkpoint, train_problems, settings,
-                     storage, mlflow, ray)  # fmt: skip
+    return _rl_stage(context, "npr", "npr_policy", "papo", "npr_beta_checkpoint", npr_beta_checkpoint,
+                     train_problems, settings, storage, mlflow, ray)  # fmt: skip
 
 
 @dg.asset(group_name="ablations", kinds={"pytorch", "ray"}, code_version="1", pool="compute")
@@ -197,8 +234,8 @@ def sr_policy(
     ray: RayResource,
 ) -> dg.Output[dict]:
     """Ablation: PAPO's objective with sequential rollouts, from SR-Beta."""
-    return _rl_stage(context, "sr", "sr_policy", "sr", sr_beta_checkpoint, train_problems, settings, storage,
-                     mlflow, ray)  # fmt: skip
+    return _rl_stage(context, "sr", "sr_policy", "sr", "sr_beta_checkpoint", sr_beta_checkpoint, train_problems,
+                     settings, storage, mlflow, ray)  # fmt: skip
 
 
 @dg.asset_check(

@@ -51,6 +51,7 @@ for _spec in (
     BenchmarkSpec("math500", "MATH-500", "math", "math500.json", 500, True),
     BenchmarkSpec("gpqa_diamond", "GPQA-Diamond", "letter", "gpqa_diamond.jsonl", 198),
     BenchmarkSpec("toy_test", "Toy world, held-out test split", "math", None),
+    BenchmarkSpec("toy_dev", "Toy world, held-out dev split", "math", None),
 ):
     register_benchmark(_spec)
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a local S3 endpoint (moto's in-process server on 127.0.0.1)."""
+"""Shared fixtures: a local S3 endpoint (moto's in-process server on 127.0.0.1); the session's one run of
+the whole pipeline (``small`` profile, ``pipeline_fixtures``)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from pipeline_fixtures import release_ray, small_pipeline  # noqa: F401  (fixtures for every module)
 
 
 def create_bucket(endpoint_url: str, name: str | None = None) -> str:

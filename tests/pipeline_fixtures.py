@@ -1,0 +1,149 @@
+"""One run of the whole pipeline (``small`` profile), shared by every test of the session that needs it.
+
+``small_pipeline`` runs the main job the way ``npr run`` does (``assets.jobs.run_main``: phase 1
+materializes every stage asset, phase 2 evaluates each stage's final checkpoint through
+``benchmark_scores``) in its own ``NPR_HOME`` and ``DAGSTER_HOME`` under the session's temp directory,
+with a local Ray on 127.0.0.1 and MLflow in sqlite. Tests read what it left (the Dagster instance, the
+MLflow store, the artifacts); they never re-run its stages.
+
+The instance launches runs in this process (``SyncInMemoryRunLauncher``, ``DefaultRunCoordinator``),
+so runs that the backfill daemon's iteration submits execute synchronously here, on the same Ray.
+Ray stays attached while the tests that use the run need it; ``release_ray`` detaches it after a module
+(other modules start and stop their own clusters and check that nothing is left running).
+
+``conftest.py`` imports the fixtures from here, so every test module can request them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+#: The code location of the small profile, as a workspace loads it (by file).
+SMALL_DEFINITIONS_FILE = TESTS / "small_definitions.py"
+
+#: The instance: in-process run launching, runs start as soon as they are submitted, no telemetry;
+#: the same pool limit as ``npr run`` (one compute step at a time).
+DAGSTER_YAML = """\
+telemetry:
+  enabled: false
+concurrency:
+  pools:
+    default_limit: 1
+run_coordinator:
+  module: dagster._core.run_coordinator
+  class: DefaultRunCoordinator
+run_launcher:
+  module: dagster._core.launcher.sync_in_memory_run_launcher
+  class: SyncInMemoryRunLauncher
+"""
+
+#: Variables that would point the run somewhere else than its own home, local Ray and toy benchmarks.
+FOREIGN_ENV = (
+    "NPR_BENCHMARK_DIR",
+    "NPR_RAY_ADDRESS",
+    "RAY_ADDRESS",
+    "NPR_TRAIN_PROBLEMS",
+    "MLFLOW_TRACKING_URI",
+)
+
+
+@dataclass
+class SmallPipeline:
+    """What the session's pipeline run left behind."""
+
+    home: Path
+    dagster_home: Path
+    summary: dict[str, Any]
+    wall_s: float  # run_main's wall time, measured around the call
+    instance: Any  # the open ``DagsterInstance`` the run used
+    defs: Any  # the ``Definitions`` it ran
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.home / "artifacts"
+
+    def environment(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Point this process at the run's state again (what ``npr`` exports), for a test's duration."""
+        monkeypatch.setenv("NPR_HOME", str(self.home))
+        monkeypatch.setenv("DAGSTER_HOME", str(self.dagster_home))
+        monkeypatch.setenv("NPR_PROFILE", "small")
+        for var in FOREIGN_ENV:
+            monkeypatch.delenv(var, raising=False)
+
+    def latest_materialization(self, asset: str, partition: str | None = None) -> Any:
+        """The latest ``AssetMaterialization`` event record of ``asset`` (or of one of its partitions)."""
+        import dagster as dg
+
+        records = self.instance.fetch_materializations(
+            dg.AssetRecordsFilter(
+                asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None
+            ),
+            limit=1,
+        ).records
+        if not records:
+            raise LookupError(f"{asset} {partition or ''} was never materialized")
+        return records[0]
+
+    def data_version(self, asset: str) -> str:
+        """The Dagster data version of the latest materialization of ``asset``."""
+        from dagster._core.definitions.data_version import DATA_VERSION_TAG
+
+        return self.latest_materialization(asset).asset_materialization.tags[DATA_VERSION_TAG]
+
+
+@pytest.fixture(scope="session")
+def small_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallPipeline]:
+    """The main job of the ``small`` profile, run once per session (about a minute on 2 idle cores)."""
+    import dagster as dg
+
+    from assets.jobs import run_main
+    from npr_pipelines.compute import shutdown_ray
+    from npr_pipelines.definitions import build_definitions
+
+    home = tmp_path_factory.mktemp("npr-small-pipeline")
+    dagster_home = home / "dagster"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
+    run = SmallPipeline(home, dagster_home, {}, 0.0, None, None)
+    with pytest.MonkeyPatch.context() as mp:
+        run.environment(mp)
+        run.defs = build_definitions("small")
+        run.instance = dg.DagsterInstance.from_config(str(dagster_home))
+        try:
+            start = time.perf_counter()
+            run.summary = run_main(run.defs, run.instance, home, log=lambda *_: None)
+            run.wall_s = time.perf_counter() - start
+        except BaseException:
+            run.instance.dispose()
+            shutdown_ray()
+            raise
+    print(f"\nsmall pipeline: run_main took {run.wall_s:.1f} s ({json.dumps(run.summary['eval'])})")
+    try:
+        yield run
+    finally:
+        run.instance.dispose()
+        shutdown_ray()
+
+
+@pytest.fixture(scope="module")
+def release_ray() -> Iterator[None]:
+    """Detach this process from Ray after the module (a no-op when it is not attached)."""
+    yield
+    from npr_pipelines.compute import shutdown_ray
+
+    shutdown_ray()
+
+
+__all__ = ["SMALL_DEFINITIONS_FILE", "SmallPipeline", "release_ray", "small_pipeline"]

@@ -17,6 +17,7 @@ Ray stays attached while the tests that use the run need it; ``release_ray`` det
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -103,6 +104,12 @@ class SmallPipeline:
         return self.latest_materialization(asset).asset_materialization.tags[DATA_VERSION_TAG]
 
 
+def toy_cache_dir_of(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The directory ``toy_fixtures.toy_cache_dir`` uses (``NPR_TOY_TEST_CACHE`` or the session's)."""
+    override = os.environ.get("NPR_TOY_TEST_CACHE")
+    return Path(override) if override else tmp_path_factory.getbasetemp() / "toy-cache"
+
+
 @pytest.fixture(scope="session")
 def small_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallPipeline]:
     """The main job of the ``small`` profile, run once per session (about a minute on 2 idle cores)."""
@@ -113,6 +120,12 @@ def small_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallPi
     from npr_pipelines.definitions import build_definitions
 
     home = tmp_path_factory.mktemp("npr-small-pipeline")
+    # The base model is the small profile's bootstrap, cached by config: share the cache with
+    # ``toy_fixtures.small_toy_base`` (whichever runs first trains it, the other reuses it).
+    shared = toy_cache_dir_of(tmp_path_factory) / "toy_base"
+    shared.mkdir(parents=True, exist_ok=True)
+    (home / "cache").mkdir()
+    (home / "cache" / "toy_base").symlink_to(shared, target_is_directory=True)
     dagster_home = home / "dagster"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)

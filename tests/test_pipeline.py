@@ -264,7 +264,8 @@ def test_a_stage_publishes_and_reads_its_checkpoint_through_s3(
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)  # StorageResource: endpoint from the environment
     home = tmp_path / "home"
     # the bootstrapped base model is cached by config: reuse the session's instead of training it again
-    shutil.copytree(small_pipeline.home / "cache" / "toy_base", home / "cache" / "toy_base")
+    key = SMALL.bootstrap.key
+    shutil.copytree(small_pipeline.home / "cache" / "toy_base" / key, home / "cache" / "toy_base" / key)
     base_uri = f"s3://{s3_bucket}/artifacts"
     storage = StorageResource(base_uri=base_uri)
     result = dg.materialize(

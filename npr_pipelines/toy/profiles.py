@@ -7,7 +7,7 @@ all; ``PAPER`` keeps them for reference only. The toy values are starting points
 and are expected to be tuned by the stages that use them.
 
 Two profiles: ``default`` (the embedded ``make run``: minutes on 2 CPU cores) and ``small`` (a smaller
-model and a few steps per stage, for tests that must finish in seconds).
+model and a few steps per stage, for tests: the whole graph, end to end, in about a minute).
 """
 
 from __future__ import annotations
@@ -137,8 +137,8 @@ SMALL = ToyProfile(
     # Small enough for tests, trained enough that the whole graph runs: rejection sampling must accept
     # some traces (strictly: format-perfect AND correct), so the bootstrap teaches only the easiest
     # problems (k = 2, both families), only in the parallel format (a few corrupted), with little
-    # teacher noise; one thread (tiny matrices, a shared 2-core machine). Measured at seed 0 on 48 train
-    # problems x 4 samples at T=1: ~60% format-valid, ~5% format-valid AND correct.
+    # teacher noise; one thread (tiny matrices, a shared 2-core machine). Measured in the pipeline at
+    # seed 0: 178 rejection-sampling attempts at T=1, 58% format-valid, 8 of 48 problems accepted.
     bootstrap=BootstrapConfig(
         num_threads=1,
         problems=ProblemConfig(k_values=(2,), k_weights=(1.0,)),

@@ -64,13 +64,17 @@ class MixtureConfig:
 class TrainConfig:
     """Optimisation: AdamW, linear warmup then cosine decay to ``min_lr_ratio * lr``, fixed step budget."""
 
-    steps: int = 320
-    batch_size: int = 64  # examples per optimiser step (a random sample of the mixture)
-    micro_batch_size: int = 16  # examples per forward pass; a step's examples are sorted by length first
+    # Batches of 32 rather than 64: more updates per example, and the tiny model is update-bound here
+    # (held-out T=1 accuracy, seeds 0/1/2: 0.30 / 0.31 / 0.22 after 512 x 32, against 0.28 / 0.23 / 0.17
+    # after 320 x 64, in about the same time: 126-148 s on 2 idle cores). Micro-batches of 8 waste less
+    # on padding than 16 (a step's examples are sorted by length, long parallel traces come together).
+    steps: int = 512
+    batch_size: int = 32  # examples per optimiser step (a random sample of the mixture)
+    micro_batch_size: int = 8  # examples per forward pass; a step's examples are sorted by length first
     lr: float = 2e-3
     betas: tuple[float, float] = (0.9, 0.98)
     weight_decay: float = 0.0
-    warmup_steps: int = 30
+    warmup_steps: int = 60
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     log_every: int = 20

@@ -232,7 +232,12 @@ def test_head_is_loopback_only_with_token_auth(ray_head: RayHead) -> None:
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(f"{ray_head.url}/api/jobs/", timeout=10)
     assert err.value.code == 401  # the Jobs API refuses a client without the token
-    sockets = _listeners(ray_head.processes())
+    deadline = time.monotonic() + 60  # the raylet can open its listeners after the Jobs API answers
+    while True:
+        sockets = _listeners(ray_head.processes())
+        if {"gcs_server", "raylet"} <= {name for name, _, _ in sockets} or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert {"gcs_server", "raylet"} <= {name for name, _, _ in sockets}, sockets
     assert int(ray_head.url.rsplit(":", 1)[1]) in {port for _, _, port in sockets}
     assert [s for s in sockets if s[1] not in LOOPBACK_IPS] == []

@@ -252,14 +252,28 @@ def test_flex_block_mask_equals_create_block_mask_and_the_layout_rule() -> None:
     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=batch.dense_reference_mask(), enable_gqa=True)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
-    # The padded variant the compiled CUDA path uses (static shapes): inputs padded to whole tiles.
-    tiles = -(-n // attn.FLEX_BLOCK) * attn.FLEX_BLOCK
-    assert tiles > n
-    qp, kp, vp = (F.pad(t, (0, 0, 0, tiles - n)) for t in (q, k, v))
+    # The padded variant the compiled CUDA path uses (static shapes): inputs padded to whole tiles, here
+    # two more than the batch needs (tiles wholly past the batch are empty).
+    tiles = -(-n // attn.FLEX_BLOCK) + 2
+    qp, kp, vp = (F.pad(t, (0, 0, 0, tiles * attn.FLEX_BLOCK - n)) for t in (q, k, v))
+    padded_mask = batch.block_mask("cpu", tiles=tiles)
+    assert int(padded_mask.kv_num_blocks[:, :, -2:].sum()) == 0
     with torch.no_grad(), warnings.catch_warnings():  # the eager-flex warning is only given once
         warnings.simplefilter("ignore")
-        padded = flex_attention(qp, kp, vp, block_mask=batch.block_mask("cpu", padded=True), enable_gqa=True)
+        padded = flex_attention(qp, kp, vp, block_mask=padded_mask, enable_gqa=True)
     torch.testing.assert_close(padded[:, :, :n], ref, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="fewer than"):
+        batch.block_mask("cpu", tiles=1)
+
+
+def test_flex_tiles_buckets_lengths() -> None:
+    """Lengths are padded to 1, 2, 3, 4, 6, 8, 12, ... tiles: never less than needed, at most a half more
+    (a third past 3 tiles), about two compiles per doubling of the length."""
+    sizes = [attn.flex_tiles(n) for n in range(1, 64 * attn.FLEX_BLOCK)]
+    for n, t in zip(range(1, 64 * attn.FLEX_BLOCK), sizes, strict=True):
+        need = -(-n // attn.FLEX_BLOCK)
+        assert need <= t <= max(need * 3 // 2, need + 1)
+    assert sorted(set(sizes)) == [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
 
 
 @pytest.mark.gpu

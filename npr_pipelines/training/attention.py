@@ -182,10 +182,13 @@ class SegmentBatch:
         return out.to(self.device)
 
     def block_mask(
-        self, device: torch.device | str | None = None, block: int = FLEX_BLOCK, padded: bool = False
+        self, device: torch.device | str | None = None, block: int = FLEX_BLOCK, tiles: int | None = None
     ):
-        """FlexAttention ``BlockMask`` of this batch, built once per device; ``padded``: for inputs padded
-        to whole tiles (padding positions see causally, so no real query sees them).
+        """FlexAttention ``BlockMask`` of this batch, built once per device.
+
+        ``tiles``: for inputs padded to ``tiles * block`` positions (at least the batch's own tile count).
+        Padding inside the last real tile attends causally (so no real query sees it); tiles wholly past
+        the batch are empty, so padding costs the kernel nothing there.
 
         ``create_block_mask`` would materialise the dense [B, 1, L, L] mask unless compiled; here the
         block classification (empty / partial / full per ``block`` x ``block`` tile) is reduced from one
@@ -194,13 +197,13 @@ class SegmentBatch:
         from torch.nn.attention.flex_attention import _create_sparse_block_from_block_mask
 
         device = torch.device(device) if device is not None else self.device
-        key = ("block_mask", str(device), block, padded)
+        key = ("block_mask", str(device), block, tiles)
         if key in self._cache:
             return self._cache[key]
         on = self if self.device == device else self.to(device)
         n, b = self.padded_length, self.batch_size
-        tiles = -(-n // block)
-        partial = torch.zeros(b, 1, tiles, tiles, dtype=torch.int8, device=device)
+        n_tiles = -(-n // block)
+        partial = torch.zeros(b, 1, n_tiles, n_tiles, dtype=torch.int8, device=device)
         full = torch.zeros_like(partial)
         rows = block * max(1, self.chunk // block)
         for start in range(0, n, rows):
@@ -215,7 +218,7 @@ class SegmentBatch:
             full[:, 0, t0 : t0 + q_tiles, :k_tiles] = count == block * block
             partial[:, 0, t0 : t0 + q_tiles, :k_tiles] = (count > 0) & (count < block * block)
         # Padded to whole tiles so that the kernel may evaluate mask_mod past L without indexing out of range.
-        pad = (0, tiles * block - n)
+        pad = (0, (tiles or n_tiles) * block - n)
         block_ids = F.pad(on.block_ids, pad, value=-1)
         branch_ids = F.pad(on.branch_ids, pad, value=-1)
 
@@ -224,7 +227,12 @@ class SegmentBatch:
             other_branch = branch_ids[b, q_idx] != branch_ids[b, kv_idx]
             return (kv_idx <= q_idx) & ~(same_block & other_branch)
 
-        length = tiles * block if padded else n
+        length = n
+        if tiles is not None:
+            if tiles < n_tiles:
+                raise ValueError(f"tiles={tiles} is fewer than the batch's {n_tiles} tiles of {block}")
+            grow = (0, tiles - n_tiles, 0, tiles - n_tiles)
+            partial, full, length = F.pad(partial, grow), F.pad(full, grow), tiles * block
         self._cache[key] = _create_sparse_block_from_block_mask(
             (partial, full), mask_mod, (length, length), block, block
         )
@@ -382,15 +390,25 @@ def _sdpa_chunks(
 _compiled_flex: Callable | None = None
 
 
+def flex_tiles(n: int, block: int = FLEX_BLOCK) -> int:
+    """Tiles of ``block`` positions that a length-``n`` batch is padded to for the compiled kernel:
+    the next of 1, 2, 3, 4, 6, 8, 12, 16, ... (at most a third more), so that a run over many lengths
+    compiles about twice per doubling of the length, within torch's recompile limit."""
+    need = max(1, -(-n // block))
+    low = 1 << max(0, (need - 1).bit_length() - 1)  # the power of two just below need (or need itself)
+    if low >= need:
+        return low
+    return low * 3 // 2 if low >= 2 and low * 3 // 2 >= need else 2 * low
+
+
 def _flex(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, batch: SegmentBatch, scale: float | None
 ) -> torch.Tensor:
     """FlexAttention with the batch's ``BlockMask`` (CUDA).
 
-    Compiled with static shapes, the inputs padded to whole ``FLEX_BLOCK`` tiles: one compile per tile
-    count. (A dynamic-shape compile, which torch picks after the second length, has no lowering for
-    flex attention on torch 2.11.) Padded queries are sliced off; padded keys lie after every real
-    query, so the causal rule hides them.
+    Compiled with static shapes over inputs padded to ``flex_tiles`` tiles: a dynamic-shape compile,
+    which torch picks after the second length, has no lowering for flex attention on torch 2.11.
+    Padded queries are sliced off; padded keys lie after every real query, so the causal rule hides them.
     """
     global _compiled_flex
     from torch.nn.attention.flex_attention import flex_attention
@@ -398,14 +416,15 @@ def _flex(
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, dynamic=False)
     n = query.shape[2]
-    pad = -(-n // FLEX_BLOCK) * FLEX_BLOCK - n
+    tiles = flex_tiles(n)
+    pad = tiles * FLEX_BLOCK - n
     if pad:
         query, key, value = (F.pad(t, (0, 0, 0, pad)) for t in (query, key, value))
     out = _compiled_flex(
         query,
         key,
         value,
-        block_mask=batch.block_mask(query.device, padded=True),
+        block_mask=batch.block_mask(query.device, tiles=tiles),
         scale=scale,
         enable_gqa=query.shape[1] != key.shape[1],
     )

@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv run ui bench test test-fast lint fmt clean
+.PHONY: venv chromium run ui bench test test-fast lint fmt clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,15 @@ $(STAMP): requirements.lock pyproject.toml
 	$(PIP) --no-deps --no-build-isolation -e . $(QUIET)
 	touch $(STAMP)
 
+# The browser test (tests/test_ui_browser.py) drives Debian's chromium and chromedriver. Installed with
+# apt-get when missing (CI runs as root on Debian; elsewhere through sudo); nothing to do once present.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get update -q && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; \
+	fi
+
 run: $(STAMP)
 	$(PY) -m npr_pipelines.cli run
 
@@ -33,11 +42,11 @@ bench: $(STAMP)
 	$(PY) -m npr_pipelines.bench
 	$(PY) -m npr_pipelines.training.bench_attention --out .npr/bench/training.json
 
-test: $(STAMP)
+test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) chromium
 	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)

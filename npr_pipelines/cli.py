@@ -6,6 +6,7 @@ The Dagster side (assets, jobs) is imported only inside the commands that need i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -68,6 +69,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
     ]  # fmt: skip
     # SIGTERM must run the cleanup below too (its default action would skip it and orphan the servers).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # A command started in the background by a non-interactive shell (`make ui &` in a script) inherits
+    # SIGINT ignored, and so would the servers; `dagster dev` maps SIGTERM onto SIGINT's handler, so it
+    # would ignore the terminate below. A handled SIGINT here is reset to the default in the children.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     procs = [subprocess.Popen(mlflow_cmd, env=env, start_new_session=True)]
     print(
         f"MLflow UI: http://{args.host}:{args.mlflow_port}  Dagster UI: http://{args.host}:{args.dagster_port}"
@@ -84,7 +89,10 @@ def cmd_ui(args: argparse.Namespace) -> int:
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                # its own process group (start_new_session): the webserver, daemon and code servers too
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 def main(argv: list[str] | None = None) -> int:

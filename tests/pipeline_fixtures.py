@@ -26,18 +26,17 @@ from typing import Any
 
 import pytest
 
+from npr_pipelines.cli import DAGSTER_YAML as CLI_DAGSTER_YAML
+
 TESTS = Path(__file__).resolve().parent
 #: The code location of the small profile, as a workspace loads it (by file).
 SMALL_DEFINITIONS_FILE = TESTS / "small_definitions.py"
 
 #: The instance: in-process run launching, runs start as soon as they are submitted, no telemetry;
 #: the same pool limit as ``npr run`` (one compute step at a time).
-DAGSTER_YAML = """\
-telemetry:
-  enabled: false
-concurrency:
-  pools:
-    default_limit: 1
+DAGSTER_YAML = (
+    CLI_DAGSTER_YAML
+    + """\
 run_coordinator:
   module: dagster._core.run_coordinator
   class: DefaultRunCoordinator
@@ -45,6 +44,7 @@ run_launcher:
   module: dagster._core.launcher.sync_in_memory_run_launcher
   class: SyncInMemoryRunLauncher
 """
+)
 
 #: Variables that would point the run somewhere else than its own home, local Ray and toy benchmarks.
 FOREIGN_ENV = (

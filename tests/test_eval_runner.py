@@ -59,3 +59,79 @@ def test_summarize() -> None:
     assert m["mean_critical_path_ratio"] == pytest.approx((2.0 + 3.0) / 2)
     assert m["pass_at_1"] == pytest.approx((0.5 + 0.0) / 2)
     assert m["format_score_mean"] == pytest.approx(-1 / 3)
+
+
+def test_trigger_rate_counts_engine_forks_not_structure_in_the_text() -> None:
+    """The trigger rate ignores structure the engine inserted and structure that is only text: the same
+    trace is a trigger when the engine forked on the model's ``</guideline>`` (step headers and
+    ``<takeaway>`` inserted by the engine), and not one when the model wrote every token itself."""
+    from npr_pipelines.engine import Engine, EngineConfig, Request, SamplingParams
+    from npr_pipelines.engine.testing import CharCodec, ScriptHook, replay_script, trace_script
+    from npr_pipelines.structure import Trace
+
+    cc = CharCodec()
+    engine = Engine(tiny_qwen3(cc.vocab_size, layers=1, hidden=32), cc.codec(), cc.tags,
+                    EngineConfig(num_blocks=256, block_size=4))  # fmt: skip
+    trace = Trace.build([(["add", "mul"], ["2+2=4", "2*2=4"], "both 4")], "\\boxed{4}")
+    prompt = cc.encode("q\n")
+
+    def run(mode: str, script: dict) -> EngineOutput:
+        params = SamplingParams(mode=mode, seed=0, max_tokens=300)
+        [out] = engine.generate([Request(mode, prompt, params, logits_hook=ScriptHook(script))])
+        return out
+
+    forked = run("parallel", trace_script(trace, cc.tags, cc.encode))
+    written = run("sequential", replay_script(forked, "sequential"))  # the model samples the inserted tokens
+    no_guideline = "<step>1: add</step><takeaway>t</takeaway>\\boxed{4}"  # structure without a fork
+    plain = run("parallel", {(0,): cc.encode_with_tags(no_guideline)})
+    assert written.response_ids == forked.response_ids and not any(written.inserted)
+    inserted = cc.decode([t for t, ins in zip(forked.response_ids, forked.inserted, strict=True) if ins])
+    assert inserted.count("<step>") == 2 and "<takeaway>" in inserted  # the engine wrote these
+    problem = Problem("p", "q", "4", "t")
+    recs = [score_output(problem, i, o, cc.codec()) for i, o in enumerate((forked, written, plain))]
+    assert recs[0].text == recs[1].text and "<takeaway>" in recs[2].text
+    assert recs[0].format_valid and recs[1].format_valid and recs[0].rounds == recs[1].rounds == 1
+    assert [r.triggered for r in recs] == [True, False, False]
+    assert summarize(recs)["trigger_rate"] == pytest.approx(1 / 3)
+
+
+def test_summarize_with_repeated_samples_adds_pass_at_n_and_inter_run_std() -> None:
+    # two runs (sample 0, sample 1) over three problems: run 0 gets a and b right, run 1 only a
+    recs = [
+        SampleRecord(pid, s, [], "", None, ok, True, [], 0.0, False, 0, [], 10, 10, "eos", 0.1)
+        for pid, s, ok in [("a", 0, True), ("a", 1, True), ("b", 0, True), ("b", 1, False),
+                           ("c", 0, False), ("c", 1, False)]
+    ]  # fmt: skip
+    m = summarize(recs)
+    assert m["accuracy"] == pytest.approx(0.5)
+    assert m["pass_at_1"] == pytest.approx(0.5)
+    assert m["pass_at_2"] == pytest.approx(2 / 3)  # a and b solved at least once
+    assert m["inter_run_std"] == pytest.approx(abs(2 / 3 - 1 / 3) / 2)  # population std of [2/3, 1/3]
+    assert m["intra_problem_std"] == pytest.approx((0 + 0.5 + 0) / 3)
+    single = summarize([r for r in recs if r.sample == 0])
+    assert "inter_run_std" not in single and "pass_at_2" not in single
+    assert single["pass_at_1"] == pytest.approx(2 / 3)
+    ragged = summarize(recs[:-1])  # c has one sample: no common set of runs
+    assert "inter_run_std" not in ragged
+
+
+def test_latency_is_one_request_at_a_time_with_the_evaluation_seeds() -> None:
+    from npr_pipelines.eval.runner import build_engine, measure_latency, mode_summary, sample_seed
+
+    tok = byte_bpe_tokenizer()
+    model = tiny_qwen3(len(tok), seed=0)
+    problems = [Problem(str(i), f"what is {i}+{i}?", str(2 * i), "t") for i in range(3)]
+    cfg = EvalConfig(mode="parallel", n_samples=1, max_new_tokens=8, top_p=1.0, seed=5)
+    engine = build_engine(model, tok, cfg)
+    calls: list[list] = []
+    generate = engine.generate
+    engine.generate = lambda requests: calls.append(list(requests)) or generate(requests)
+    latencies = measure_latency(model, tok, problems, cfg, engine=engine)
+    assert len(latencies) == 3 and all(t > 0 for t in latencies)
+    assert [len(c) for c in calls] == [1, 1, 1]  # concurrency 1
+    assert [c[0].params.seed for c in calls] == [sample_seed(5, p.id, 0) for p in problems]
+    records, wall = evaluate_problems(model, tok, problems, cfg)
+    summary = mode_summary(records, wall, latencies)
+    assert summary["latency_median_s"] == sorted(latencies)[1]
+    assert summary["tokens_per_s"] == pytest.approx(sum(r.total_tokens for r in records) / wall)
+    assert summary["accuracy"] == summarize(records)["accuracy"] and summary["latencies_s"] == latencies

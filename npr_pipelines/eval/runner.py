@@ -17,7 +17,8 @@ from typing import Any
 from npr_pipelines.data import Problem
 from npr_pipelines.engine import Engine, EngineConfig, EngineOutput, Request, SamplingParams, TokenCodec
 from npr_pipelines.eval.grading import grade
-from npr_pipelines.eval.metrics import mean_pass_at_k
+from npr_pipelines.eval.metrics import inter_run_std, intra_problem_std, mean_pass_at_k
+from npr_pipelines.eval.speedup import median_latency, tokens_per_second
 from npr_pipelines.structure import TagVocab, format_score_v2, parse_text, validate
 from npr_pipelines.tokenization import PromptConfig, has_tag_tokens, prompt_ids
 
@@ -68,6 +69,19 @@ def sample_seed(seed: int, problem_id: str, sample: int) -> int:
     """A stable per-(problem, sample) seed, independent of batch composition and order."""
     digest = hashlib.sha256(f"{seed}:{problem_id}:{sample}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
+
+
+def sampling_params(config: EvalConfig, problem_id: str, sample: int) -> SamplingParams:
+    """The decoding settings of one (problem, sample) request, with its stable seed."""
+    return SamplingParams(
+        mode=config.mode,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        top_k=config.top_k,
+        max_tokens=config.max_new_tokens,
+        max_total_tokens=config.max_total_tokens,
+        seed=sample_seed(config.seed, problem_id, sample),
+    )
 
 
 def score_output(
@@ -132,14 +146,6 @@ def evaluate_problems(
     """
     engine = engine or build_engine(model, tokenizer, config)
     codec = TokenCodec.from_tokenizer(tokenizer)
-    params = dict(
-        mode=config.mode,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        top_k=config.top_k,
-        max_tokens=config.max_new_tokens,
-        max_total_tokens=config.max_total_tokens,
-    )
     records: list[SampleRecord] = []
     wall = 0.0
     for start in range(0, len(problems), chunk):
@@ -148,8 +154,7 @@ def evaluate_problems(
         for p in part:
             ids = prompt_ids(tokenizer, p.question, prompt)
             for s in range(config.n_samples):
-                sp = SamplingParams(seed=sample_seed(config.seed, p.id, s), **params)
-                requests.append(Request(f"{p.id}#{s}", ids, sp))
+                requests.append(Request(f"{p.id}#{s}", ids, sampling_params(config, p.id, s)))
         t0 = time.perf_counter()
         outputs = engine.generate(requests)
         wall += time.perf_counter() - t0
@@ -164,8 +169,46 @@ def evaluate_problems(
     return records, wall
 
 
+def measure_latency(
+    model,
+    tokenizer,
+    problems: Sequence[Problem],
+    config: EvalConfig,
+    prompt: PromptConfig | None = None,
+    engine: Engine | None = None,
+) -> list[float]:
+    """Per-request wall-clock seconds at concurrency 1: each problem's sample 0 (same seed as in
+    ``evaluate_problems``) decoded alone, one request after the other. One float per problem, in order."""
+    engine = engine or build_engine(model, tokenizer, config)
+    latencies: list[float] = []
+    for p in problems:
+        ids = prompt_ids(tokenizer, p.question, prompt)
+        request = Request(f"{p.id}#latency", ids, sampling_params(config, p.id, 0))
+        t0 = time.perf_counter()
+        engine.generate([request])
+        latencies.append(time.perf_counter() - t0)
+    return latencies
+
+
+def correctness_matrix(records: Sequence[SampleRecord]) -> list[list[bool]] | None:
+    """Samples x problems correctness (row s = every problem's sample s, problems in first-seen order),
+    or None unless every problem has the same sample indices."""
+    by_problem: dict[str, dict[int, bool]] = {}
+    for r in records:
+        by_problem.setdefault(r.problem_id, {})[r.sample] = r.correct
+    samples = {tuple(sorted(v)) for v in by_problem.values()}
+    if len(samples) != 1:
+        return None
+    (indices,) = samples
+    return [[by_problem[pid][s] for pid in by_problem] for s in indices]
+
+
 def summarize(records: Sequence[SampleRecord], pass_ks: Sequence[int] = (1,)) -> dict[str, float | None]:
-    """Metrics over samples: accuracy (avg@n), pass@k, validity, V2 score, trigger rate, structure."""
+    """Metrics over samples: accuracy (avg@n), pass@k, validity, V2 score, trigger rate, structure.
+
+    With n > 1 samples for every problem (the same sample indices each), also pass@n, ``inter_run_std``
+    (std over the n runs of each run's accuracy) and ``intra_problem_std`` (``method.md`` §5.4).
+    """
     if not records:
         return {}
     by_problem: dict[str, list[SampleRecord]] = {}
@@ -190,7 +233,31 @@ def summarize(records: Sequence[SampleRecord], pass_ks: Sequence[int] = (1,)) ->
     plans = [k for r in records for k in r.plans_per_guideline]
     out["plans_per_guideline"] = statistics.fmean(plans) if plans else None
     out["rounds_per_trace"] = statistics.fmean(r.rounds for r in records)
-    for k in pass_ks:
+    matrix = correctness_matrix(records)
+    ks = set(pass_ks)
+    if matrix is not None and len(matrix) > 1:
+        ks.add(len(matrix))
+        out["inter_run_std"] = inter_run_std(matrix)
+        out["intra_problem_std"] = intra_problem_std(matrix)
+    for k in sorted(ks):
         if all(c[0] >= k for c in counts):
             out[f"pass_at_{k}"] = mean_pass_at_k(counts, k)
     return out
+
+
+def mode_summary(
+    records: Sequence[SampleRecord],
+    wall_s: float,
+    latencies_s: Sequence[float] = (),
+    pass_ks: Sequence[int] = (1,),
+) -> dict[str, Any]:
+    """One mode's summary: ``summarize`` plus decoding time and speed. ``wall_time_s`` (s) decoded every
+    record with all prompts in flight; ``tokens_per_s`` = all branches' tokens / ``wall_time_s``;
+    ``latencies_s`` are per-request seconds at concurrency 1 (``measure_latency``), with their median."""
+    return {
+        **summarize(records, pass_ks),
+        "wall_time_s": wall_s,
+        "tokens_per_s": tokens_per_second(sum(r.total_tokens for r in records), wall_s),
+        "latencies_s": list(latencies_s),
+        "latency_median_s": median_latency(latencies_s),
+    }

@@ -3,8 +3,16 @@
 base and npr_zero are sequential models (tags are text); npr_beta and npr are evaluated in parallel
 mode AND in sequential mode (the format is learnt, not forced by the engine); the SR ablations are
 sequential. Samples are kept in storage next to the summary so a person can see why an answer failed.
+
+Two-mode checkpoints also get the speedups of DESIGN.md (throughput: all prompts in flight; latency:
+the first ``latency_problems`` problems one at a time). A partition is resumable: its graded chunks are
+saved under ``$NPR_HOME/work/eval/<run key>`` (key: checkpoint data version, eval config, problem set)
+and a re-run after a crash decodes only the rest. Each materialization saves its scores under
+``reports/scores`` and attaches the report over every stored score (the paper's Tables 1-3, this
+checkpoint in bold) and a plot across checkpoints, also logged to its MLflow run.
 """
 
+import hashlib
 import json
 from typing import Any
 
@@ -12,10 +20,12 @@ import dagster as dg
 import pandas as pd
 from dagster import AssetExecutionContext
 
-from assets.common import CHECKPOINTS, numeric_metadata, read_checkpoint, run_key, run_on_ray
+from assets.common import CHECKPOINTS, numeric_metadata, png_markdown, read_checkpoint, run_key, run_on_ray
 from assets.configs import profile_prompt
 from assets.data import BENCHMARKS
 from npr_pipelines.eval.benchmarks import get_benchmark
+from npr_pipelines.eval.report import headline_metrics, report_figure, report_markdown
+from npr_pipelines.eval.speedup import mode_speedups
 from npr_pipelines.toy.profiles import get_profile
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
 
@@ -32,15 +42,25 @@ STAGE_MODES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _evaluate(
-    model_dir: str, problems: list[dict], modes: tuple[str, ...], eval_kwargs: dict, prompt, threads: int
-) -> dict:
-    """Ray task body: load the checkpoint and evaluate it in each mode."""
+#: Problems per engine call (all their samples in flight); also the unit saved for resuming.
+EVAL_CHUNK = 64
+#: Where benchmark_scores keeps each partition's scores (without samples) for the reports.
+SCORES_PREFIX = "reports/scores"
+
+
+def _evaluate(model_dir: str, problems: list[dict], modes: tuple[str, ...], eval_kwargs: dict, prompt,
+              threads: int, workdir: str, latency_problems: int) -> dict:  # fmt: skip
+    """Ray task body: load the checkpoint and evaluate it in each mode, every prompt in flight (chunks
+    saved under ``workdir`` as they finish, reused by a re-run), then time the first
+    ``latency_problems`` problems one request at a time."""
+    from pathlib import Path
+
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from npr_pipelines.data import Problem
-    from npr_pipelines.eval.runner import EvalConfig, evaluate_problems, summarize
+    from npr_pipelines.eval.resume import evaluate_resumable, latency_resumable
+    from npr_pipelines.eval.runner import EvalConfig, build_engine, mode_summary
 
     torch.set_num_threads(threads)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -49,19 +69,69 @@ def _evaluate(
     out: dict[str, Any] = {}
     for mode in modes:
         cfg = EvalConfig(mode=mode, **eval_kwargs)
-        records, wall = evaluate_problems(model, tokenizer, probs, cfg, prompt)
-        summary = summarize(records)
-        summary["wall_time_s"] = wall
-        summary["tokens_per_s"] = sum(r.total_tokens for r in records) / wall if wall else None
-        out[mode] = {"summary": summary, "records": [r.to_dict() for r in records]}
+        engine = build_engine(model, tokenizer, cfg)
+        records, wall, reused = evaluate_resumable(
+            model, tokenizer, probs, cfg, prompt, Path(workdir), EVAL_CHUNK, engine, log=print
+        )
+        latencies = latency_resumable(
+            model, tokenizer, probs[:latency_problems], cfg, prompt, Path(workdir), engine
+        )
+        summary = mode_summary(records, wall, latencies, pass_ks=(1,))
+        out[mode] = {"summary": summary, "records": [r.to_dict() for r in records], "reused_chunks": reused}
     return out
+
+
+def problems_digest(problems: list[dict]) -> str:
+    """A digest of the problem set (ids, questions, answers, in order): part of the evaluation's identity."""
+    rows = [[p["id"], p["question"], p["answer"]] for p in problems]
+    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+
+
+def stored_scores(store) -> list[dict]:
+    """Every partition's scores saved under ``SCORES_PREFIX`` (none yet: an empty list)."""
+    if not store.exists(SCORES_PREFIX):
+        return []
+    return [store.read_json(u) for u in store.ls(SCORES_PREFIX) if u.endswith(".json")]
+
+
+def _report_metadata(store, ckpt: str, run) -> dict[str, Any]:
+    """The report over every stored score (this checkpoint in bold) and the plot across checkpoints, as
+    Dagster metadata and as artifacts of the evaluation's MLflow run."""
+    scores = stored_scores(store)
+    md = report_markdown(scores, by="checkpoint", title=f"Evaluation ({ckpt} and the other checkpoints)",
+                         highlight=ckpt)  # fmt: skip
+    run.client.log_text(run.run_id, md, "report.md")
+    out: dict[str, Any] = {"report": dg.MetadataValue.md(md)}
+    fig = report_figure(scores)
+    if fig is not None:
+        import matplotlib.pyplot as plt
+
+        run.client.log_figure(run.run_id, fig, "report.png")
+        out["plot"] = png_markdown(fig)
+        plt.close(fig)
+    return out
+
+
+def _log_to_checkpoint(tracker, ref: dict, bench: str, metrics: dict[str, float]) -> None:
+    """The numbers as metrics on the checkpoint's run (step = the checkpoint's step) and as tags on its
+    registered model version, when it has one (final checkpoints)."""
+    run_id = ref.get("mlflow_run_id")
+    if not run_id:
+        return
+    client = tracker.client
+    for k, v in metrics.items():
+        client.log_metric(run_id, f"eval/{bench}/{k}", v, step=int(ref.get("step") or 0))
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        if version.source == ref["uri"]:
+            for k, v in metrics.items():
+                client.set_model_version_tag(version.name, version.version, f"eval/{bench}/{k}", f"{v:.6g}")
 
 
 @dg.asset(
     group_name="evaluation",
     kinds={"pytorch", "ray"},
     partitions_def=EVAL_PARTITIONS,
-    code_version="1",
+    code_version="2",
     pool="compute",
 )
 def benchmark_scores(
@@ -72,7 +142,8 @@ def benchmark_scores(
     mlflow: MlflowResource,
     ray: RayResource,
 ) -> dg.Output[dict]:
-    """Accuracy, format validity, trigger rate and structure of one checkpoint on one benchmark."""
+    """Accuracy, pass@k, format validity, trigger rate, structure and speedups of one checkpoint on one
+    benchmark, with the report across checkpoints."""
     keys = context.partition_key.keys_by_dimension
     ckpt, bench = keys["checkpoint"], keys["benchmark"]
     store = storage.get()
@@ -88,32 +159,39 @@ def benchmark_scores(
     if rows.empty:
         raise ValueError(f"benchmark {bench!r} has no problems in the benchmarks asset")
     problems = rows[["id", "question", "answer", "source"]].to_dict("records")
+    latency_problems = min(ev.latency_problems, len(problems))
+    identity = {"benchmark": bench, **eval_kwargs, "modes": list(modes), "chunk": EVAL_CHUNK,
+                "latency_problems": latency_problems, "problems": problems_digest(problems)}  # fmt: skip
+    key = run_key("eval", identity, [ref["data_version"]])
+    workdir = settings.home_dir() / "work" / "eval" / key
+    context.log.info(f"eval {ckpt} on {bench}: run key {key}, workdir {workdir}")
     model_dir = settings.home_dir() / "cache" / "checkpoints" / ckpt
     if not (model_dir / "MANIFEST.json").exists():
         store.fetch_dir(ref["uri"], model_dir, overwrite=True)
     ray.ensure()
     result = run_on_ray(
-        _evaluate,
-        str(model_dir),
-        problems,
-        modes,
-        eval_kwargs,
-        profile_prompt(profile),
-        ray.training_cpus(),
-        num_cpus=ray.training_cpus(),
-    )
+        _evaluate, str(model_dir), problems, modes, eval_kwargs, profile_prompt(profile), ray.training_cpus(),
+        str(workdir), latency_problems, num_cpus=ray.training_cpus(),
+    )  # fmt: skip
+    reused = {m: result[m]["reused_chunks"] for m in modes}
+    if any(reused.values()):
+        context.log.info(f"resumed: chunks of {EVAL_CHUNK} problems reused from {workdir}: {reused}")
     primary = result[modes[0]]["summary"]
+    mode_summaries = {m: result[m]["summary"] for m in modes}
     summary: dict[str, Any] = {
         "checkpoint": ckpt, "stage": ref["stage"], "step": ref["step"], "benchmark": bench, "mode": modes[0],
-        "eval": {**eval_kwargs, "benchmark": bench, "n_problems": len(problems)},
-        "modes": {m: result[m]["summary"] for m in modes},
+        "eval": {**eval_kwargs, "benchmark": bench, "n_problems": len(problems),
+                 "latency_problems": latency_problems},
+        "modes": mode_summaries,
         **primary,
+        **mode_speedups(mode_summaries),
     }  # fmt: skip
     samples_uri = store.uri("reports", "samples", f"{ckpt}__{bench}.jsonl")
     lines = [json.dumps({"mode": m, **r}) for m in modes for r in result[m]["records"]]
     store.write_bytes(samples_uri, ("\n".join(lines) + "\n").encode())
+    store.write_json(f"{SCORES_PREFIX}/{ckpt}__{bench}.json", summary)
+    headline = headline_metrics(summary)
     tracker = mlflow.tracker()
-    key = run_key("eval", {"benchmark": bench, **eval_kwargs}, [ref["data_version"]])
     with tracker.stage_run(
         stage=f"eval:{ckpt}:{bench}", run_key=key, dagster_run_id=context.run_id, asset_key="benchmark_scores",
         partition_key=context.partition_key, upstream_run_ids=[ref["mlflow_run_id"]] if ref["mlflow_run_id"] else [],
@@ -122,14 +200,17 @@ def benchmark_scores(
             run.log_metrics(
                 {f"{mode}/{k}": v for k, v in result[mode]["summary"].items() if isinstance(v, float)}
             )
+        run.log_metrics(headline)
         run.log_dict(summary, "summary.json")
-    if ref["mlflow_run_id"]:
-        tracker.client.log_metric(ref["mlflow_run_id"], f"eval/{bench}/accuracy", primary["accuracy"])
+        report = _report_metadata(store, ckpt, run)
+    _log_to_checkpoint(tracker, ref, bench, headline)
     metadata = {
         **numeric_metadata({k: v for k, v in primary.items() if isinstance(v, float)}),
+        **numeric_metadata(headline),
         "samples": dg.MetadataValue.path(samples_uri),
         "mlflow_run_id": run.run_id,
         "modes": dg.MetadataValue.json(summary["modes"]),
+        **report,
     }
     return dg.Output(summary, metadata=metadata)
 

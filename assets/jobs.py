@@ -17,6 +17,7 @@ import dagster as dg
 
 from assets import STAGE_ASSETS, benchmark_scores
 from assets.data import TOY_BENCHMARK
+from npr_pipelines.eval.report import report_markdown
 
 MAIN_JOB = dg.define_asset_job("main", selection=dg.AssetSelection.assets(*STAGE_ASSETS))
 EVAL_JOB = dg.define_asset_job("evaluate", selection=dg.AssetSelection.assets(benchmark_scores))
@@ -61,7 +62,8 @@ def stage_summary(scores: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log=print) -> dict[str, Any]:
-    """Materialize the graph, evaluate every stage's final checkpoint, write ``home/summary.json``."""
+    """Materialize the graph, evaluate every stage's final checkpoint, write ``home/summary.json`` and
+    ``home/report.md`` (the tables of every stage), and print the report."""
     start = time.perf_counter()
     log("phase 1: materializing the stage assets")
     result = defs.resolve_job_def("main").execute_in_process(
@@ -73,6 +75,7 @@ def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log
     log(f"phase 2: evaluating {len(refs)} final checkpoints on {TOY_BENCHMARK}")
     eval_job = defs.resolve_job_def("evaluate")
     stages: dict[str, Any] = {}
+    all_scores: list[dict[str, Any]] = []
     eval_meta: dict[str, Any] = {}
     for stage, ref in refs.items():
         key = dg.MultiPartitionKey({"checkpoint": ref["partition"], "benchmark": TOY_BENCHMARK})
@@ -80,6 +83,7 @@ def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log
             instance=instance, partition_key=key, raise_on_error=True, run_config=QUIET
         )
         scores = res.output_for_node("benchmark_scores")
+        all_scores.append(scores)
         stages[stage] = stage_summary(scores)
         eval_meta = scores["eval"]
         log(f"  {stage:<9} {json.dumps(stages[stage])}")
@@ -96,4 +100,7 @@ def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log
         "stages": stages,
     }
     (home / "summary.json").write_text(json.dumps(summary, indent=2))
+    report = report_markdown(all_scores, by="stage", title=f"Final checkpoints on {TOY_BENCHMARK}")
+    (home / "report.md").write_text(report)
+    log(report)
     return summary

@@ -85,6 +85,8 @@ class EvalConfig:
     max_new_tokens: int = 320
     seed: int = 0
     batch_size: int = 256
+    # Latency speedup: the first this-many problems, one request at a time, in each mode (cheap: ~seconds).
+    latency_problems: int = 16
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,10 @@ Field mapping, per row (other fields are ignored):
 - ``source``: the ``source`` argument, else the row's ``source`` string field, else the file's stem
   (``.../aime25.json`` -> "aime25").
 
+Limits (hostile or broken files fail loudly instead of filling memory and prompts): a question holds at
+most ``MAX_QUESTION_CHARS`` characters, an answer ``MAX_ANSWER_CHARS``, an id ``MAX_ID_CHARS``; a JSON
+object may not repeat a key (``{"answer": "1", "answer": "2"}`` would silently keep the last one).
+
 Rows are numbered from 0 in file order (for JSONL: among the non-blank lines; the message also gives
 the line number). Every bad row is collected and reported together in one ``ProblemDataError``;
 nothing is returned unless the whole file is valid.
@@ -27,6 +31,7 @@ import json
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -38,6 +43,12 @@ from fsspec.utils import infer_compression
 FORMATS = ("json", "jsonl", "parquet")
 _COMPRESSION_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".lz4")
 _MAX_LISTED_ERRORS = 50
+#: Far above any real benchmark (the longest shipped question is under 2,000 characters).
+MAX_QUESTION_CHARS = 100_000
+MAX_ANSWER_CHARS = 10_000
+MAX_ID_CHARS = 512
+#: The row fields this loader reads (a repeated key among them is an error; others are ignored).
+_READ_FIELDS = frozenset({"question", "problem", "answer", "id", "problem_idx", "unique_id", "source"})
 
 
 @dataclass(frozen=True)
@@ -120,11 +131,11 @@ def _read_rows(uri: str, fmt: str, storage_options: Mapping[str, Any]) -> list[t
 
     if fmt == "json":
         try:
-            data = json.loads(text)
+            data = _json_loads(text)
         except json.JSONDecodeError as e:
             raise ProblemDataError(uri, f"not valid JSON: {e}") from e
         if not isinstance(data, list):
-            raise ProblemDataError(uri, f"expected a JSON list of objects, got {type(data).__name__}")
+            raise ProblemDataError(uri, f"expected a JSON list of objects, got {_kind(data)}")
         return [(r, None) for r in data]
 
     rows: list[tuple[Any, int | None]] = []
@@ -132,7 +143,7 @@ def _read_rows(uri: str, fmt: str, storage_options: Mapping[str, Any]) -> list[t
         if not line.strip():
             continue
         try:
-            rows.append((json.loads(line), line_no))
+            rows.append((_json_loads(line), line_no))
         except json.JSONDecodeError as e:
             rows.append((_Unparseable(e.msg), line_no))
     if rows and all(isinstance(r, _Unparseable) for r, _ in rows):
@@ -144,6 +155,25 @@ def _read_rows(uri: str, fmt: str, storage_options: Mapping[str, Any]) -> list[t
 @dataclass(frozen=True)
 class _Unparseable:
     reason: str
+
+
+class _JsonObject(dict):
+    """A parsed JSON object that remembers the keys it saw more than once."""
+
+    duplicates: tuple[str, ...] = ()
+
+
+def _object_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    marked = _JsonObject(obj)
+    marked.duplicates = tuple(k for k, n in Counter(k for k, _ in pairs).items() if n > 1)
+    return marked
+
+
+def _json_loads(text: str) -> Any:
+    return json.loads(text, object_pairs_hook=_object_pairs)
 
 
 def _coerce_answer(value: Any) -> tuple[str | None, str | None]:
@@ -159,8 +189,26 @@ def _coerce_answer(value: Any) -> tuple[str | None, str | None]:
             return None, f"not a finite number: {value!r}"
         return (str(int(value)) if value.is_integer() else repr(value)), None
     if isinstance(value, str):
-        return (value.strip(), None) if value.strip() else (None, "empty")
-    return None, f"must be a string or a number, got {type(value).__name__}"
+        if not value.strip():
+            return None, "empty"
+        if len(value) > MAX_ANSWER_CHARS:
+            return None, _too_long(value, MAX_ANSWER_CHARS)
+        return value.strip(), None
+    return None, f"must be a string or a number, got {_kind(value)}"
+
+
+def _kind(value: Any) -> str:
+    """The JSON-ish type name of a value for messages."""
+    return "dict" if isinstance(value, dict) else type(value).__name__
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def _too_long(value: str, limit: int) -> str:
+    return f"{len(value):,} characters, more than the limit of {limit:,}"
 
 
 def _coerce_id(value: Any) -> tuple[str | None, str | None]:
@@ -171,8 +219,12 @@ def _coerce_id(value: Any) -> tuple[str | None, str | None]:
     if isinstance(value, float) and value.is_integer():
         return str(int(value)), None
     if isinstance(value, str):
-        return (value, None) if value.strip() else (None, "empty")
-    return None, f"must be a string or an integer, got {type(value).__name__} {value!r}"
+        if not value.strip():
+            return None, "empty"
+        if len(value) > MAX_ID_CHARS:
+            return None, _too_long(value, MAX_ID_CHARS)
+        return value, None
+    return None, f"must be a string or an integer, got {_kind(value)} {_short(value)}"
 
 
 def load_problems(
@@ -200,20 +252,24 @@ def load_problems(
             errors.append(RowError(idx, "<line>", f"not valid JSON: {row.reason}", line))
             continue
         if not isinstance(row, dict):
-            errors.append(RowError(idx, "<row>", f"expected an object, got {type(row).__name__}", line))
+            errors.append(RowError(idx, "<row>", f"expected an object, got {_kind(row)}", line))
             continue
 
-        row_errors: list[RowError] = []
+        row_errors = [
+            RowError(idx, key, "appears more than once in the object (which value is meant?)", line)
+            for key in getattr(row, "duplicates", ())
+            if key in _READ_FIELDS
+        ]
         q_field = "question" if "question" in row else "problem"
         question = row.get(q_field)
         if question is None:
             row_errors.append(RowError(idx, "question", "missing (expected 'question' or 'problem')", line))
         elif not isinstance(question, str):
-            row_errors.append(
-                RowError(idx, q_field, f"must be a string, got {type(question).__name__}", line)
-            )
+            row_errors.append(RowError(idx, q_field, f"must be a string, got {_kind(question)}", line))
         elif not question.strip():
             row_errors.append(RowError(idx, q_field, "empty", line))
+        elif len(question) > MAX_QUESTION_CHARS:
+            row_errors.append(RowError(idx, q_field, _too_long(question, MAX_QUESTION_CHARS), line))
 
         answer, why = _coerce_answer(row.get("answer"))
         if why:

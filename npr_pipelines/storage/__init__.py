@@ -20,7 +20,7 @@ from npr_pipelines.storage.manifest import (
     FileEntry,
     Manifest,
 )
-from npr_pipelines.storage.store import DEFAULT_BASE_URI, Storage
+from npr_pipelines.storage.store import DEFAULT_BASE_URI, Storage, StorageUnreachable
 
 __all__ = [
     "DEFAULT_BASE_URI",
@@ -30,6 +30,7 @@ __all__ = [
     "FileEntry",
     "Manifest",
     "Storage",
+    "StorageUnreachable",
     "fetch_dir",
     "is_published",
     "list_published",

@@ -6,19 +6,24 @@ absolute local path, ``file:///...``) or a path relative to the base URI; method
 ``storage_options["client_kwargs"]["endpoint_url"]`` (or ``endpoint_url``), else from the standard
 ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL`` variables; credentials come only from the environment
 (the AWS credential chain) and are never accepted in options nor logged.
+
+A storage that cannot be reached (endpoint down, unknown host, network) raises `StorageUnreachable`
+naming the URI, never "not published" or "missing": readers must not mistake an outage for absence.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import posixpath
+import socket
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import suppress
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import fsspec
 from fsspec.core import split_protocol
@@ -35,6 +40,52 @@ _S3_PROTOCOLS = ("s3", "s3a")
 _CREDENTIAL_KEYS = frozenset(
     {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token"}
 )
+
+
+class StorageUnreachable(ConnectionError):
+    """The storage behind ``uri`` could not be reached; the message names the URI and the cause."""
+
+    def __init__(self, message: str, *, uri: str) -> None:
+        super().__init__(message)
+        self.uri = uri
+
+
+def _unreachable_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean "could not talk to the storage" (not "the object is absent")."""
+    errors: tuple[type[BaseException], ...] = (ConnectionError, TimeoutError, socket.gaierror)
+    try:
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+        from botocore.exceptions import HTTPClientError
+    except ImportError:  # pragma: no cover - botocore comes with s3fs
+        return errors
+    return (*errors, BotoConnectionError, HTTPClientError)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reachable(uri_arg: int = 0) -> Callable[[F], F]:
+    """Turn connection failures of a `Storage` method into `StorageUnreachable` naming the URI
+    (positional argument ``uri_arg`` after ``self``; the base URI when it is not given)."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        def wrapper(self: Storage, *args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(self, *args, **kwargs)
+            except StorageUnreachable:
+                raise
+            except _unreachable_errors() as exc:
+                target = self._describe(args[uri_arg] if len(args) > uri_arg else "")
+                raise StorageUnreachable(
+                    f"{target}: storage unreachable ({type(exc).__name__}: {exc}); "
+                    "check the endpoint (AWS_ENDPOINT_URL_S3), the network and the credentials",
+                    uri=target,
+                ) from exc
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
 
 
 def _s3_options(storage_options: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -71,7 +122,10 @@ class Storage:
             assert protocol is not None
             self.protocol = protocol
             opts = _s3_options(storage_options) if protocol in _S3_PROTOCOLS else dict(storage_options or {})
-            self.fs = fsspec.filesystem(protocol, **opts)
+            try:
+                self.fs = fsspec.filesystem(protocol, **opts)
+            except (ImportError, ValueError) as exc:  # unknown protocol, or its fsspec package missing
+                raise ValueError(f"{base_uri}: unsupported storage URI ({exc})") from exc
             self._root = rest.strip("/")
             if not self._root:
                 raise ValueError(f"base URI {base_uri!r} names no bucket")
@@ -121,6 +175,13 @@ class Storage:
             return rest.rstrip("/")
         raise ValueError(f"{uri!r} is not on this storage ({self.base_uri})")
 
+    def _describe(self, uri: str | os.PathLike[str]) -> str:
+        """The full URI of ``uri`` for messages (as given when it is not on this storage)."""
+        try:
+            return self._to_uri(self._path(uri))
+        except ValueError:
+            return os.fspath(uri)
+
     def _fresh(self, path: str) -> None:
         # s3fs caches listings; other processes may have published since.
         if not self.is_local:
@@ -128,16 +189,19 @@ class Storage:
 
     # -- plain file operations ----------------------------------------------------------------------
 
+    @_reachable()
     def exists(self, uri: str) -> bool:
         """Whether a file or directory exists at ``uri``."""
         path = self._path(uri)
         self._fresh(path)
         return bool(self.fs.exists(path))
 
+    @_reachable()
     def read_bytes(self, uri: str) -> bytes:
         """The content of one file."""
         return self.fs.cat_file(self._path(uri))
 
+    @_reachable()
     def write_bytes(self, uri: str, data: bytes) -> str:
         """Write one file (atomically on local disk: temp file + rename); return its URI."""
         path = self._path(uri)
@@ -148,10 +212,12 @@ class Storage:
             self.fs.pipe_file(path, data)
         return self._to_uri(path)
 
+    @_reachable()
     def read_json(self, uri: str) -> Any:
         """Parse a JSON file."""
         return json.loads(self.read_bytes(uri).decode("utf-8"))
 
+    @_reachable()
     def write_json(self, uri: str, obj: Any, *, indent: int | None = 2) -> str:
         """Write ``obj`` as JSON (atomically on local disk); return the URI."""
         text = json.dumps(obj, indent=indent, ensure_ascii=False)
@@ -161,6 +227,7 @@ class Storage:
         """fsspec ``open`` passthrough (parent directories are created for local writes)."""
         return self.fs.open(self._path(uri), mode, **kwargs)
 
+    @_reachable()
     def ls(self, uri: str = "") -> list[str]:
         """Full URIs of the immediate children of a directory, sorted."""
         path = self._path(uri)
@@ -173,6 +240,7 @@ class Storage:
 
     # -- published directories (see publish.py) -----------------------------------------------------
 
+    @_reachable(uri_arg=1)
     def publish_dir(
         self,
         local_dir: str | os.PathLike[str],
@@ -184,22 +252,27 @@ class Storage:
         """Publish a local directory atomically: files first, ``MANIFEST.json`` last."""
         return _publish.publish_dir(self, local_dir, dest_uri, metadata=metadata, overwrite=overwrite)
 
+    @_reachable()
     def read_manifest(self, uri: str) -> Manifest:
         """The manifest of a published directory; :class:`ArtifactError` if missing or invalid."""
         return _publish.read_manifest(self, uri)
 
+    @_reachable()
     def verify_dir(self, uri: str) -> Manifest:
         """Check every listed file's size and checksum; :class:`ArtifactError` names the first bad one."""
         return _publish.verify_dir(self, uri)
 
+    @_reachable()
     def fetch_dir(self, uri: str, local_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Manifest:
         """Download a published directory, verifying each file, into ``local_dir`` all-or-nothing."""
         return _publish.fetch_dir(self, uri, local_dir, overwrite=overwrite)
 
+    @_reachable()
     def is_published(self, uri: str) -> bool:
         """Whether ``uri`` holds a valid manifest."""
         return _publish.is_published(self, uri)
 
+    @_reachable()
     def list_published(self, prefix: str = "") -> list[str]:
         """URIs of directories under ``prefix`` (inclusive) that have a ``MANIFEST.json``, sorted."""
         return _publish.list_published(self, prefix)

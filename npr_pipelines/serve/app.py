@@ -50,13 +50,20 @@ def load_engine(
     dtype: str = "float32",
     config: EngineConfig | None = None,
 ) -> tuple[Engine, Any]:
-    """Model and tokenizer from a local directory (``from_pretrained``, ``trust_remote_code=False``)."""
+    """Model and tokenizer from a local directory (``from_pretrained``, ``trust_remote_code=False``).
+
+    The weights must be safetensors: pickled weights are refused before anything reads them, and a
+    truncated or corrupt weights file is named (``storage.weights.check_weights_dir``).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from npr_pipelines.storage.weights import check_weights_dir
+
     path = str(model_path)
+    check_weights_dir(path)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), trust_remote_code=False
+        path, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True
     ).to(device)
     model.eval()
     try:

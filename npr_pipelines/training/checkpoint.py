@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from npr_pipelines.storage.weights import read_safetensors
 
 STEP_DIR = re.compile(r"^step-(\d{6})$")
 TRAINER_STATE = "trainer_state.json"
@@ -115,7 +117,7 @@ def save_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimiz
 def load_optimizer_state(path: str | os.PathLike, optimizer: torch.optim.Optimizer) -> None:
     """Restore the optimizer saved beside a checkpoint (safetensors + JSON; nothing unpickled)."""
     path = Path(path)
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors = read_safetensors(path / "optimizer.safetensors")  # names a truncated/corrupt file
     meta = json.loads((path / "optimizer.json").read_text())
     optimizer.load_state_dict(_optimizer_from_files(tensors, meta))
 

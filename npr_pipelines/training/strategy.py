@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from npr_pipelines.rl import get_policy_loss
+from npr_pipelines.storage.weights import read_safetensors
 from npr_pipelines.training.batch import TokenBatch, TrainSequence, collate, token_logprobs
 from npr_pipelines.training.checkpoint import load_optimizer_state, save_optimizer_state
 
@@ -144,7 +144,7 @@ def load_hf_weights(model: nn.Module, path: str | Path) -> None:
         raise FileNotFoundError(f"{path}: no model*.safetensors")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(f)))
+        state.update(read_safetensors(f))  # names a truncated/corrupt file
     missing, unexpected = model.load_state_dict(state, strict=False)
     by_ptr: dict[int, set[str]] = {}
     for name, t in model.state_dict().items():

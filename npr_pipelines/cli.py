@@ -95,7 +95,17 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 proc.wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def cmd_serve(args: argparse.Namespace) -> int:
+    """``npr serve``: the NPR engine over HTTP (``npr_pipelines.serve``), on 127.0.0.1 by default."""
+    from npr_pipelines.serve.cli import serve
+
+    return serve(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Every ``npr`` command and its arguments (servers default to ``--host 127.0.0.1``)."""
+    from npr_pipelines.serve.cli import add_arguments as add_serve_arguments
+
     parser = argparse.ArgumentParser(prog="npr", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="materialize the whole pipeline and write summary.json")
@@ -109,7 +119,13 @@ def main(argv: list[str] | None = None) -> int:
     ui.add_argument("--dagster-port", type=int, default=3000)
     ui.add_argument("--mlflow-port", type=int, default=5000)
     ui.set_defaults(func=cmd_ui)
-    args = parser.parse_args(argv)
+    serve = sub.add_parser("serve", help="serve a model with the NPR engine over HTTP on 127.0.0.1")
+    add_serve_arguments(serve).set_defaults(func=cmd_serve)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     return args.func(args)
 
 

@@ -321,8 +321,18 @@ class RequestFlow:
         if any(b.live for b in block.branches):
             return Event.NONE
         assert self.tags is not None
+        at = join_position([b.positions[-1] for b in block.branches])
+        # The branches may have used the room the fork reserved for <takeaway>: inserting it anyway
+        # would overrun a budget by one token, so the request ends as truncated instead.
+        p = self.params
+        if self.critical_used(at) > p.max_tokens:
+            return self.end_request(FinishReason.LENGTH, f"no room for <takeaway> at position {at}")
+        if p.max_total_tokens is not None and self.response_len + 1 > p.max_total_tokens:
+            return self.end_request(
+                FinishReason.TOTAL_BUDGET, f"no room for <takeaway> in {p.max_total_tokens}"
+            )
         cont = Stream(StreamKind.TRUNK, (len(self.blocks),))
-        cont.push(self.tags[Tag.TAKEAWAY], join_position([b.positions[-1] for b in block.branches]), None)
+        cont.push(self.tags[Tag.TAKEAWAY], at, None)
         self.response_len += 1
         block.continuation = cont
         self.streams.append(cont)

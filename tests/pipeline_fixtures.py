@@ -11,6 +11,10 @@ so runs that the backfill daemon's iteration submits execute synchronously here,
 Ray stays attached while the tests that use the run need it; ``release_ray`` detaches it after a module
 (other modules start and stop their own clusters and check that nothing is left running).
 
+The run's environment holds recognisable fake credentials (``FAKE_SECRETS``, set before Ray starts so
+its processes inherit them) and what it prints (``sys.stdout``/``sys.stderr`` and ``run_main``'s log
+lines) is copied to ``home/run_output.log``: ``test_secret_leak`` searches everything the run wrote.
+
 ``conftest.py`` imports the fixtures from here, so every test module can request them.
 """
 
@@ -18,11 +22,13 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -55,6 +61,12 @@ FOREIGN_ENV = (
     "MLFLOW_TRACKING_URI",
 )
 
+#: Fake credentials in the run's environment; nothing the run writes may contain them.
+FAKE_SECRETS = {
+    "AWS_SECRET_ACCESS_KEY": "npr-fake-secret-XYZ-7c41e09b",
+    "MLFLOW_TRACKING_TOKEN": "npr-fake-mlflow-token-2f9d6a51",
+}
+
 
 @dataclass
 class SmallPipeline:
@@ -66,6 +78,9 @@ class SmallPipeline:
     wall_s: float  # run_main's wall time, measured around the call
     instance: Any  # the open ``DagsterInstance`` the run used
     defs: Any  # the ``Definitions`` it ran
+    secrets: dict[str, str] = field(default_factory=dict)  # the fake credentials it ran with
+    output_log: Path | None = None  # what it printed
+    ray_session_dir: Path | None = None  # the local Ray's session directory (its logs)
 
     @property
     def tracking_uri(self) -> str:
@@ -104,6 +119,48 @@ class SmallPipeline:
         return self.latest_materialization(asset).asset_materialization.tags[DATA_VERSION_TAG]
 
 
+class _Tee:
+    """A text stream that also copies everything written to ``sink``."""
+
+    def __init__(self, stream: IO[str], sink: IO[str]) -> None:
+        self._stream, self._sink = stream, sink
+
+    def write(self, text: str) -> int:
+        self._sink.write(text)
+        return self._stream.write(text)
+
+    def flush(self) -> None:
+        self._sink.flush()
+        self._stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, encoding, isatty, ...
+        return getattr(self._stream, name)
+
+
+@contextmanager
+def tee_output(path: Path) -> Iterator[IO[str]]:
+    """Copy ``sys.stdout`` and ``sys.stderr`` into ``path`` for the block (and yield the file)."""
+    with open(path, "w", encoding="utf-8", errors="replace") as sink:
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(saved[0], sink), _Tee(saved[1], sink)
+        try:
+            yield sink
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+def ray_session_dir() -> Path | None:
+    """The session directory of the Ray this process is attached to (None when it is not)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from npr_pipelines.compute import ensure_ray
+
+    session = ensure_ray().session_dir  # attached already: returns its info, starts nothing
+    return Path(session) if session else None
+
+
 def toy_cache_dir_of(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The directory ``toy_fixtures.toy_cache_dir`` uses (``NPR_TOY_TEST_CACHE`` or the session's)."""
     override = os.environ.get("NPR_TOY_TEST_CACHE")
@@ -129,15 +186,19 @@ def small_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallPi
     dagster_home = home / "dagster"
     dagster_home.mkdir()
     (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
-    run = SmallPipeline(home, dagster_home, {}, 0.0, None, None)
+    run = SmallPipeline(home, dagster_home, {}, 0.0, None, None, dict(FAKE_SECRETS), home / "run_output.log")
     with pytest.MonkeyPatch.context() as mp:
         run.environment(mp)
+        for var, value in run.secrets.items():
+            mp.setenv(var, value)
         run.defs = build_definitions("small")
         run.instance = dg.DagsterInstance.from_config(str(dagster_home))
         try:
             start = time.perf_counter()
-            run.summary = run_main(run.defs, run.instance, home, log=lambda *_: None)
+            with tee_output(run.output_log) as sink:
+                run.summary = run_main(run.defs, run.instance, home, log=lambda *a: print(*a, file=sink))
             run.wall_s = time.perf_counter() - start
+            run.ray_session_dir = ray_session_dir()
         except BaseException:
             run.instance.dispose()
             shutdown_ray()
@@ -159,4 +220,4 @@ def release_ray() -> Iterator[None]:
     shutdown_ray()
 
 
-__all__ = ["SMALL_DEFINITIONS_FILE", "SmallPipeline", "release_ray", "small_pipeline"]
+__all__ = ["FAKE_SECRETS", "SMALL_DEFINITIONS_FILE", "SmallPipeline", "release_ray", "small_pipeline"]

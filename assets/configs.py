@@ -28,11 +28,15 @@ def stage_configs(profile_name: str, seed: int = 0) -> dict[str, Any]:
     profile = get_profile(profile_name)
     prompt = profile_prompt(profile)
     npr_zero: RLConfig = (
-        npr_zero_config().with_stage_values(profile.npr_zero).replace(prompt=prompt, seed=seed)
+        npr_zero_config()
+        .with_stage_values(profile.npr_zero)
+        .replace(prompt=prompt, seed=seed, reward=profile.npr_zero_reward)
     )
     papo: RLConfig = papo_config().with_stage_values(profile.papo).replace(prompt=prompt, seed=seed)
     sr: RLConfig = (
-        sr_config().with_stage_values(profile.papo).replace(prompt=prompt, seed=seed, mode="sequential")
+        sr_config()
+        .with_stage_values(profile.sr or profile.papo)
+        .replace(prompt=prompt, seed=seed, mode="sequential")
     )
     sft = dataclasses.replace(SFTConfig().with_stage_values(profile.parallel_sft), prompt=prompt, seed=seed)
     rejection = dataclasses.replace(

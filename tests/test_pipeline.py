@@ -53,8 +53,12 @@ def solve(question: str) -> str:
 def test_summary_json_has_the_design_contract(small_pipeline) -> None:
     written = json.loads((small_pipeline.home / "summary.json").read_text())
     assert written == small_pipeline.summary
-    assert set(written) == {"wall_time_s", "eval", "stages"}
+    assert set(written) == {"wall_time_s", "eval", "stages", "timing"}  # DESIGN.md's keys + the split below
     assert 0 < written["wall_time_s"] <= small_pipeline.wall_s
+    timing = written["timing"]  # compute inside Ray tasks vs orchestration: they add up to the wall time
+    assert timing["ray_tasks"] >= 12  # base, npr_zero, rejection, 2 SFT, 2 RL + 6 evaluations
+    assert 0 < timing["compute_s"] < written["wall_time_s"]
+    assert timing["compute_s"] + timing["orchestration_s"] == pytest.approx(written["wall_time_s"], abs=0.2)
     ev = written["eval"]
     assert set(ev) == DESIGN_EVAL_FIELDS
     assert ev == {

@@ -156,6 +156,19 @@ class Engine:
         self._done.extend(others)  # step() drains everything, so these are all that is left
         return [outputs[i] for i in ids]
 
+    def replace_model(self, model: torch.nn.Module) -> None:
+        """Decode with ``model`` from the next step on (``npr serve``'s weight update from disk).
+
+        Only while idle: KV entries computed by the old weights must never be attended to by the new
+        ones, so the pool and views are rebuilt for the new module rather than reused.
+        """
+        if self.has_unfinished():
+            raise RuntimeError("replace_model needs an idle engine: requests are still in flight")
+        cfg = self.config
+        self.model = PagedQwen3(
+            model, cfg.num_blocks, cfg.block_size, cfg.small_query_max, pack_weights=cfg.pack_weights
+        )
+
     def tables(self) -> Iterable[KVTable]:
         for a in self._running:
             yield from a.tables.values()

@@ -195,6 +195,9 @@ class EngineOutput:
     latency_s: float
     preemptions: int = 0
     span_table: SpanTable | None = None  # parse_tokens(response, offset=prompt_len); None without tags
+    #: Where the trace came from when not from this process's engine (``sglang_backend``: the server,
+    #: ``approximate``). Empty for the in-process engine, whose traces are exact by construction.
+    metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prompt_len(self) -> int:
@@ -213,6 +216,13 @@ class EngineOutput:
     def triggered(self) -> bool:
         """The model sampled ``</guideline>`` closing >= 1 numbered plan and the engine forked."""
         return bool(self.forks)
+
+    @property
+    def approximate(self) -> bool:
+        """True when some tokens were sampled in a context other than the trainer's layout of the
+        trace (parallel mode through stock SGLang re-prefills each join): RL must not treat its
+        log-probs as the policy's (PAPO refuses it unless the user opts in)."""
+        return bool(self.metadata.get("approximate", False))
 
     @property
     def branches(self) -> list[BranchRecord]:
@@ -282,6 +292,7 @@ class EngineOutput:
             "time_to_first_token_s": self.time_to_first_token_s,
             "latency_s": self.latency_s,
             "preemptions": self.preemptions,
+            "metadata": _jsonable(dict(self.metadata)),
         }
 
 

@@ -1,7 +1,9 @@
 """The HTTP server: FastAPI routes over an ``EngineWorker``.
 
 Routes: ``POST /generate`` (``api.py``), ``GET /health``, ``GET /get_model_info``, ``GET /metrics``
-(Prometheus text; ``?format=json`` for JSON), ``POST /abort_request`` (``{"rid": ...}``).
+(Prometheus text; ``?format=json`` for JSON), ``POST /abort_request`` (``{"rid": ...}``),
+``POST /update_weights_from_disk`` (SGLang's: ``{"model_path": dir}`` -> ``{"success", "message",
+"num_paused_requests"}``, 400 with ``success: false`` when refused).
 A full queue answers ``503`` with ``{"error": {"type": "queue_full", ...}}`` and ``Retry-After``.
 """
 
@@ -24,6 +26,7 @@ from npr_pipelines.engine import Engine, EngineConfig, LogitsHook, TokenCodec
 from npr_pipelines.engine import Request as EngineRequest
 from npr_pipelines.serve.api import BadRequest, Prompt, format_output, parse_generate
 from npr_pipelines.serve.worker import EngineWorker, QueueFull, WorkerStopped
+from npr_pipelines.storage.manifest import ArtifactError
 from npr_pipelines.structure import TagVocab
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,27 @@ class ServerState:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def load_model(model_path: str | Path, *, device: str = "cpu", dtype: str = "float32") -> torch.nn.Module:
+    """A causal LM from a local directory: safetensors only (pickles refused before anything reads
+    them, headers checked, and a carried ``MANIFEST.json`` verified: ``check_weights_dir``), no remote
+    code, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    from npr_pipelines.storage.weights import check_weights_dir
+
+    path = str(model_path)
+    check_weights_dir(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=getattr(torch, dtype),
+        trust_remote_code=False,
+        use_safetensors=True,
+        local_files_only=True,
+    ).to(device)
+    model.eval()
+    return model
+
+
 def load_engine(
     model_path: str | Path,
     *,
@@ -55,17 +79,11 @@ def load_engine(
     The weights must be safetensors: pickled weights are refused before anything reads them, and a
     truncated or corrupt weights file is named (``storage.weights.check_weights_dir``).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from npr_pipelines.storage.weights import check_weights_dir
+    from transformers import AutoTokenizer
 
     path = str(model_path)
-    check_weights_dir(path)
+    model = load_model(path, device=device, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), trust_remote_code=False, use_safetensors=True
-    ).to(device)
-    model.eval()
     try:
         tags: TagVocab | None = TagVocab.from_tokenizer(tokenizer)
     except ValueError:
@@ -143,6 +161,34 @@ def create_app(state: ServerState) -> FastAPI:
         state.worker.abort(rid)
         return {"rid": rid, "status": "abort requested"}
 
+    @app.post("/update_weights_from_disk")
+    async def update_weights_from_disk(request: Request) -> Any:
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        try:
+            update = parse_weight_update(body)
+            model = await asyncio.to_thread(load_compatible_model, state, update.model_path)
+        except (BadRequest, ArtifactError, OSError, ValueError) as exc:
+            return JSONResponse(
+                {"success": False, "message": str(exc), "num_paused_requests": 0}, status_code=400
+            )
+        try:
+            await asyncio.wrap_future(
+                state.worker.run_exclusive(
+                    lambda engine: swap_model(state, engine, model, update),
+                    abort_running=update.abort_running,
+                )
+            )
+        except WorkerStopped as exc:
+            return error(503, "unavailable", str(exc))
+        return {
+            "success": True,
+            "message": f"weights loaded from {update.model_path}",
+            "num_paused_requests": 0,
+        }
+
     @app.get("/metrics")
     async def metrics(format: str = "prometheus") -> Any:
         snap = state.worker.snapshot()
@@ -172,6 +218,68 @@ _METRICS: tuple[tuple[str, str, str], ...] = (
     ("kv_view_tokens", "gauge", "Tokens held in the per-request attention views."),
     ("kv_view_bytes", "gauge", "Bytes allocated for the attention views."),
 )
+
+
+@dataclass(frozen=True)
+class WeightUpdate:
+    """A parsed ``/update_weights_from_disk`` body (SGLang's ``UpdateWeightFromDiskReqInput``)."""
+
+    model_path: str
+    abort_running: bool = False
+    weight_version: str | None = None
+
+
+#: SGLang fields accepted and ignored: nothing is cached between requests here, and there is no
+#: CUDA graph or asynchronous update to ask for.
+_IGNORED_UPDATE_KEYS = {"flush_cache", "torch_empty_cache", "recapture_cuda_graph", "token_step", "is_async"}
+
+
+def parse_weight_update(body: Any) -> WeightUpdate:
+    """Validate an update body; unknown fields and other load formats are refused, not ignored."""
+    if not isinstance(body, dict) or not isinstance(body.get("model_path"), str) or not body["model_path"]:
+        raise BadRequest("give 'model_path': a local model directory")
+    known = {"model_path", "load_format", "abort_all_requests", "weight_version", *_IGNORED_UPDATE_KEYS}
+    unknown = sorted(set(body) - known)
+    if unknown:
+        raise BadRequest(f"unknown fields: {unknown}")
+    if body.get("load_format") not in (None, "auto", "safetensors"):
+        raise BadRequest(f"load_format {body['load_format']!r} is not supported (safetensors only)")
+    if body.get("is_async") or body.get("keep_pause"):
+        raise BadRequest("asynchronous or paused updates are not supported")
+    version = body.get("weight_version")
+    return WeightUpdate(
+        body["model_path"], bool(body.get("abort_all_requests")), None if version is None else str(version)
+    )
+
+
+def load_compatible_model(state: ServerState, path: str) -> torch.nn.Module:
+    """Load ``path`` on the serving device and dtype, refusing a model the running one cannot be
+    swapped for (another architecture or vocabulary: the tokenizer and tags stay the server's)."""
+    current = state.worker.engine.model
+    model = load_model(path, device=str(current.device), dtype=str(current.dtype).removeprefix("torch."))
+    old = {k: tuple(v.shape) for k, v in current.hf.state_dict().items()}
+    new = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if old != new or type(model) is not type(current.hf):
+        diff = sorted(set(old.items()) ^ set(new.items()))[:3]
+        raise ValueError(f"{path}: not the served architecture (first differences: {diff})")
+    return model
+
+
+def swap_model(state: ServerState, engine: Engine, model: torch.nn.Module, update: WeightUpdate) -> None:
+    """In the engine thread, with nothing running: decode with ``model`` from now on; a crashed step
+    restarts from the new weights too."""
+    engine.replace_model(model)
+    state.model_info["model_path"] = update.model_path
+    state.model_info["weight_version"] = update.weight_version
+    worker = state.worker
+    if worker.engine_factory is not None:
+        codec, tags, config = engine.codec, engine.tags, engine.config
+        device, dtype = str(engine.model.device), str(engine.model.dtype).removeprefix("torch.")
+
+        def factory() -> Engine:
+            return Engine(load_model(update.model_path, device=device, dtype=dtype), codec, tags, config)
+
+        worker.engine_factory = factory
 
 
 def prometheus_text(snap: dict[str, Any]) -> str:

@@ -3,7 +3,8 @@
 Only the worker thread touches the ``Engine``. Other threads ``submit`` requests (they wait in a
 bounded queue until the thread hands them to the engine) and get a ``concurrent.futures.Future`` of
 the ``EngineOutput``; ``abort`` is thread-safe too. When nothing is in flight the thread sleeps on a
-condition variable.
+condition variable. ``run_exclusive`` runs maintenance (a weight update) in the engine thread at a
+moment when no request is running, so no request ever mixes two models.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from npr_pipelines.engine import Engine, EngineOutput, Request
 
@@ -57,11 +59,12 @@ class EngineWorker:
             raise ValueError("max_queue must be >= 1")
         self.engine = engine
         self.max_queue = max_queue
-        self._factory = engine_factory
+        self.engine_factory = engine_factory  # a fresh engine after a failed step (None: keep failing)
         self._cv = threading.Condition()
         self._pending: deque[tuple[Request, Future[EngineOutput]]] = deque()
         self._inflight: dict[str, Future[EngineOutput]] = {}
         self._aborts: list[str] = []
+        self._jobs: deque[tuple[Callable[[Engine], Any], Future[Any], bool]] = deque()
         self._paused = False
         self._stopped = False
         self.counters = Counters()
@@ -91,6 +94,21 @@ class EngineWorker:
         with self._cv:
             self._aborts.append(request_id)
             self._cv.notify()
+
+    def run_exclusive(self, fn: Callable[[Engine], Any], *, abort_running: bool = False) -> Future[Any]:
+        """Run ``fn(engine)`` in the engine thread once no request is running; a Future of its result.
+
+        Running requests finish first (or end ``ABORTED`` with ``abort_running``); requests submitted
+        meanwhile wait in the queue and start after ``fn`` returned. This is how ``npr serve`` swaps
+        weights: requests see either the old model or the new one, never both.
+        """
+        fut: Future[Any] = Future()
+        with self._cv:
+            if self._stopped:
+                raise WorkerStopped("the engine worker is stopped")
+            self._jobs.append((fn, fut, abort_running))
+            self._cv.notify()
+        return fut
 
     @property
     def queue_depth(self) -> int:
@@ -155,18 +173,28 @@ class EngineWorker:
         while True:
             with self._cv:
                 while not self._stopped and (
-                    self._paused or not (self._pending or self._aborts or self.engine.has_unfinished())
+                    self._paused
+                    or not (self._pending or self._aborts or self._jobs or self.engine.has_unfinished())
                 ):
                     self._cv.wait()
                 if self._stopped:
                     self._fail_all(WorkerStopped("the engine worker was stopped"))
+                    self._fail_jobs(WorkerStopped("the engine worker was stopped"))
                     return
-                incoming = list(self._pending)
-                self._pending.clear()
+                job = self._jobs[0] if self._jobs else None
+                incoming = []
+                if job is None:  # while a job waits, new requests stay queued (they must see the new model)
+                    incoming = list(self._pending)
+                    self._pending.clear()
+                elif job[2]:
+                    self._aborts.extend(self._inflight)
                 aborts, self._aborts = self._aborts, []
                 for request, fut in incoming:
                     if fut.set_running_or_notify_cancel():
                         self._inflight[request.request_id] = fut
+            if job is not None and not aborts and not self.engine.has_unfinished():
+                self._run_job()
+                continue
             for request, fut in incoming:
                 if fut.cancelled():
                     continue
@@ -184,8 +212,8 @@ class EngineWorker:
                 log.exception("engine step failed")
                 with self._cv:
                     self._fail_all(exc)
-                if self._factory is not None:
-                    self.engine = self._factory()
+                if self.engine_factory is not None:
+                    self.engine = self.engine_factory()
                 continue
             with self._cv:
                 for out in outputs:
@@ -204,6 +232,24 @@ class EngineWorker:
         c.finish_reasons[key] = c.finish_reasons.get(key, 0) + 1
         if not fut.done():
             fut.set_result(out)
+
+    def _run_job(self) -> None:
+        """Run the oldest exclusive job (the engine is idle; called from the engine thread only)."""
+        with self._cv:
+            fn, fut, _ = self._jobs.popleft()
+        if not fut.set_running_or_notify_cancel():
+            return
+        try:
+            fut.set_result(fn(self.engine))
+        except Exception as exc:  # reported to the caller; the engine keeps serving
+            fut.set_exception(exc)
+
+    def _fail_jobs(self, exc: BaseException) -> None:
+        """Under the lock: fail the exclusive jobs still waiting."""
+        while self._jobs:
+            _, fut, _ = self._jobs.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
 
     def _fail_all(self, exc: BaseException) -> None:
         """Under the lock: fail every request in flight or queued (their KV is released by abort)."""

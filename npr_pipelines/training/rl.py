@@ -101,6 +101,7 @@ class RLConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty width (0: off)
     overlong_penalty_factor: float = 1.0
     drop_structural_failures: bool = True
+    allow_approximate_rollouts: bool = False  # train on approximate traces (parallel mode via SGLang)
     truncate_multiple: int = 1  # the release cuts batches to a multiple of 8 rollouts (§7.16)
     seed: int = 0
     save_every: int = 0  # RL steps between checkpoints (0: final only)
@@ -371,6 +372,7 @@ class _Run:
                 group_offset=gen_batch * cfg.prompts_per_step,
                 drop_structural_failures=cfg.drop_structural_failures,
                 logits_hook=self.logits_hook,
+                allow_approximate=cfg.allow_approximate_rollouts,
             )
             gen_batch += 1
             generated.extend(batch)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import torch
 
@@ -21,6 +22,18 @@ from npr_pipelines.structure import TagVocab, format_score_v1
 #: Why a rollout was dropped before training (``None`` = kept).
 DROP_UNCLEAN_FINISH = "unclean_finish"  # truncated, budget, malformed fork, ... (FinishReason not clean)
 DROP_LAYOUT = "layout"  # the trainer's layout of the ids disagrees with what the engine executed
+
+
+class RolloutEngine(Protocol):
+    """What rollouts need of a decoder: the in-process ``Engine`` or ``SGLangBackend``."""
+
+    def generate(self, requests: Sequence[Request]) -> list[EngineOutput]: ...
+
+
+class ApproximateRolloutError(ValueError):
+    """Rollouts sampled in contexts other than the trainer's layout (parallel mode through stock
+    SGLang) were about to be trained on without the user's opt-in."""
+
 
 #: ``factory(problem, sample) -> hook or None``: constrains decoding of one rollout (tests script
 #: structure with it; see ``engine.testing.ScriptHook``). Log-probs stay the model's own.
@@ -70,8 +83,25 @@ def structural_failure(out: EngineOutput, tags: TagVocab | None, codec: TokenCod
     return None
 
 
+def refuse_approximate(outputs: Sequence[EngineOutput]) -> None:
+    """Raise ``ApproximateRolloutError`` if any output is approximate (``EngineOutput.approximate``).
+
+    Why: PAPO's loss uses the rollout log-probs and the trainer's parallel layout as the policy's own.
+    After a join re-prefilled by SGLang, later tokens were sampled with other positions and attention
+    than that layout, so the update would be off-policy in a way nothing else corrects.
+    """
+    bad = [o.request_id for o in outputs if o.approximate]
+    if bad:
+        raise ApproximateRolloutError(
+            f"{len(bad)} of {len(outputs)} rollouts are approximate (parallel mode through SGLang joins "
+            f"branches by re-prefilling, so their log-probs do not match the trained layout), e.g. "
+            f"{bad[:3]}; use the in-process engine for PAPO rollouts, or set "
+            "allow_approximate_rollouts=True to train on them anyway"
+        )
+
+
 def generate_rollouts(
-    engine: Engine,
+    engine: RolloutEngine | Engine,
     codec: TokenCodec,
     tags: TagVocab | None,
     problems: Sequence[Problem],
@@ -85,6 +115,7 @@ def generate_rollouts(
     group_offset: int,
     drop_structural_failures: bool,
     logits_hook: HookFactory | None = None,
+    allow_approximate: bool = False,
 ) -> list[Rollout]:
     """``group_size`` rollouts per problem in one engine call, scored; structural failures marked.
 
@@ -93,6 +124,7 @@ def generate_rollouts(
         prompt_ids: their token ids.
         params: sampling settings; the seed is replaced per rollout.
         group_offset: group id of ``problems[0]`` (groups are numbered across generation batches).
+        allow_approximate: train on approximate traces (``refuse_approximate``) instead of raising.
     """
     requests = []
     for j, (problem, ids) in enumerate(zip(problems, prompt_ids, strict=True)):
@@ -101,6 +133,8 @@ def generate_rollouts(
             hook = logits_hook(problem, k) if logits_hook is not None else None
             requests.append(Request(f"s{step}-b{gen_batch}-p{j}-r{k}", list(ids), sp, logits_hook=hook))
     outputs = engine.generate(requests)
+    if not allow_approximate:
+        refuse_approximate(outputs)
     rollouts = []
     for j, (problem, ids) in enumerate(zip(problems, prompt_ids, strict=True)):
         for k in range(group_size):

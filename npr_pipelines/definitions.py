@@ -3,7 +3,9 @@
 Resources default to the embedded profile: local Ray on 127.0.0.1, storage and MLflow under
 ``$NPR_HOME`` (``.npr``). ``NPR_PROFILE`` picks the stage configs (``default``, ``small``).
 ``NPR_RAY_JOBS_ADDRESS`` (a Ray dashboard URL) selects the cluster profile for training stages: each is
-submitted as a Ray Job through dagster-ray Pipes (``resources/ray.py``).
+submitted as a Ray Job through dagster-ray Pipes (``resources/ray.py``). ``NPR_STORAGE_URI`` (e.g.
+``s3://bucket/prefix``) and ``MLFLOW_TRACKING_URI`` point artifacts and lineage at shared services
+(``docker/compose.yaml`` sets both).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
                 profile=profile or os.environ.get("NPR_PROFILE", "default"),
                 benchmark_root=os.environ.get("NPR_BENCHMARK_DIR", ""),
             ),
-            "storage": StorageResource(),
-            "mlflow": MlflowResource(),
+            "storage": StorageResource(base_uri=os.environ.get("NPR_STORAGE_URI", "")),
+            "mlflow": MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")),
             "ray": RayResource(
                 address=os.environ.get("NPR_RAY_ADDRESS", ""),
                 job_submission_address=os.environ.get("NPR_RAY_JOBS_ADDRESS", ""),

@@ -59,6 +59,7 @@ FOREIGN_ENV = (
     "RAY_ADDRESS",
     "NPR_TRAIN_PROBLEMS",
     "MLFLOW_TRACKING_URI",
+    "NPR_STORAGE_URI",
 )
 
 #: Fake credentials in the run's environment; nothing the run writes may contain them.

@@ -1,0 +1,2 @@
+-- Run once by the postgres image on a fresh volume: Dagster uses the default database, MLflow its own.
+CREATE DATABASE mlflow;

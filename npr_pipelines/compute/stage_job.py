@@ -11,7 +11,9 @@ through dagster-ray's ``PipesRayJobClient`` and waits. The job
    checkpoint and of the stage's data, the storage base URI, and the MLflow tracking URI and run id;
 2. fetches the inputs from storage (manifest-verified; nothing is unpickled), runs the library driver in
    a resumable working directory keyed by the run key, and publishes every checkpoint to storage as it is
-   written (with its index entry, which the checkpoint sensor turns into partitions);
+   written (with its index entry, which the checkpoint sensor turns into partitions). With a cluster
+   layout in the spec (``compute``, `ClusterCompute`), SFT trains with DeepSpeed on Ray actors spread
+   over the cluster and RL rolls out on a pool of engine replicas (``compute.cluster``);
 3. logs each step's metrics into the asset's MLflow run (it never creates a run of its own) and writes
    the run's result (history, metrics, final checkpoint) to storage;
 4. reports ``checkpoint_uri``, ``mlflow_run_id``, ``result_uri``, ``final_step`` and the metrics back
@@ -43,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from npr_pipelines.compute.cluster import ROLLOUTS, STRATEGY, ClusterCompute, stage_compute
 from npr_pipelines.storage import Storage
 from npr_pipelines.storage.checkpoints import (
     checkpoint_key,
@@ -113,6 +116,7 @@ class StageDriver:
     target: str  # "module:function"
     config_type: str  # "module:Class"
     data: str  # "problems" | "corpus"
+    compute: str  # what it hands to the cluster: "strategy" (DeepSpeed ranks) | "rollouts" (engine replicas)
 
     def function(self) -> Callable[..., Any]:
         return _load(self.target)
@@ -140,10 +144,12 @@ class StageDriver:
 
     def run(self, init_dir: str | os.PathLike, records: Sequence[Mapping[str, Any]], config: Any,
             workdir: str | os.PathLike, *, on_checkpoint: Callable[[int, Path], None] | None = None,
-            on_log: Callable[[dict[str, Any]], None] | None = None) -> Any:  # fmt: skip
+            on_log: Callable[[dict[str, Any]], None] | None = None,
+            extra: Mapping[str, Any] | None = None) -> Any:  # fmt: skip
+        """Run the driver; ``extra`` holds cluster keyword arguments (``compute.cluster.stage_compute``)."""
         return self.function()(
             str(init_dir), self.inputs(records), config=config, workdir=Path(workdir),
-            on_checkpoint=on_checkpoint, on_log=on_log,
+            on_checkpoint=on_checkpoint, on_log=on_log, **dict(extra or {}),
         )  # fmt: skip
 
 
@@ -151,10 +157,10 @@ _RL, _SFT = "npr_pipelines.training.rl", "npr_pipelines.training.sft"
 DRIVERS: dict[str, StageDriver] = {
     d.name: d
     for d in (
-        StageDriver("npr_zero", f"{_RL}:run_npr_zero", f"{_RL}:RLConfig", "problems"),
-        StageDriver("papo", f"{_RL}:run_papo", f"{_RL}:RLConfig", "problems"),
-        StageDriver("sr", f"{_RL}:run_sr", f"{_RL}:RLConfig", "problems"),
-        StageDriver("sft", f"{_SFT}:run_sft", f"{_SFT}:SFTConfig", "corpus"),
+        StageDriver("npr_zero", f"{_RL}:run_npr_zero", f"{_RL}:RLConfig", "problems", ROLLOUTS),
+        StageDriver("papo", f"{_RL}:run_papo", f"{_RL}:RLConfig", "problems", ROLLOUTS),
+        StageDriver("sr", f"{_RL}:run_sr", f"{_RL}:RLConfig", "problems", ROLLOUTS),
+        StageDriver("sft", f"{_SFT}:run_sft", f"{_SFT}:SFTConfig", "corpus", STRATEGY),
     )
 }
 
@@ -183,6 +189,7 @@ class StageSpec:
     work_root: str = ""  # "" = $NPR_HOME/work on the job's node, else the system temp dir
     threads: int = 1  # torch intra-op threads (the job asks Ray for as many CPUs)
     ray_job_id: str = ""  # the submission id, tagged on the MLflow run
+    compute: dict[str, Any] | None = None  # `ClusterCompute` JSON: DeepSpeed ranks, engine replicas
 
     def to_extras(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -197,7 +204,12 @@ class StageSpec:
             raise ValueError(f"unknown stage spec fields {unknown}")
         spec = cls(**dict(data))
         get_driver(spec.driver)
+        spec.cluster_compute()  # validates the layout
         return spec
+
+    def cluster_compute(self) -> ClusterCompute | None:
+        """The cluster layout of the stage, or None: the driver runs in the job's own process."""
+        return ClusterCompute.from_json(self.compute) if self.compute else None
 
     def workdir(self) -> Path:
         return Path(self.work_root or default_work_root()) / self.stage / self.run_key
@@ -303,7 +315,12 @@ def run_stage(spec: StageSpec, log: Callable[[str], Any] = print) -> dict[str, A
         published.add(step)
         log(f"{spec.stage}: published step {step} at {ref['uri']}")
 
-    result = driver.run(init_dir, records, config, workdir, on_checkpoint=on_checkpoint, on_log=on_log)
+    compute = spec.cluster_compute()
+    if compute is not None:
+        log(f"{spec.stage}: cluster compute {json.dumps(compute.to_json(), sort_keys=True)}")
+    with stage_compute(driver.compute, compute, seed=int(getattr(config, "seed", 0))) as extra:
+        result = driver.run(init_dir, records, config, workdir, on_checkpoint=on_checkpoint, on_log=on_log,
+                            extra=extra)  # fmt: skip
     for step, path in result.checkpoints:  # a resumed run may hold checkpoints written before a crash
         if step not in published:
             on_checkpoint(step, path)

@@ -11,6 +11,7 @@ files' sizes and checksums against it.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,3 +97,18 @@ def check_weights_dir(path: str | os.PathLike[str]) -> list[Path]:
     if (directory / MANIFEST_NAME).is_file():
         _verify_against_manifest(directory, files)
     return files
+
+
+def state_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's names, dtypes, shapes and bytes, in name order: equal digests mean
+    bit-identical weights (what a trainer held, what replicas loaded, what a checkpoint reloads to)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

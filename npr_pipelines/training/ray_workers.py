@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from npr_pipelines.training.batch import TrainSequence, use_segment_attention
+from npr_pipelines.training.batch import TokenBatch, TrainSequence, use_segment_attention
 from npr_pipelines.training.deepspeed_strategy import DeepSpeedOptions, DeepSpeedStrategy
 from npr_pipelines.training.strategy import (
     LossFn,
@@ -190,7 +190,17 @@ class DeepSpeedWorker:
     def train_step(
         self, loss_fn: LossFn, seqs: Sequence[TrainSequence], micro_batch_size: int, pad_id: int
     ) -> dict[str, float]:
-        return self.strategy.train_step(loss_fn, micro_batches(seqs, micro_batch_size, pad_id))
+        batches = micro_batches(seqs, micro_batch_size, pad_id)
+        out = self.strategy.train_step(loss_fn, batches)
+        return {**out, "padded_tokens": float(sum(b.input_ids.numel() for b in batches))}
+
+    def train_batches(self, loss_fn: LossFn, batches: Sequence[TokenBatch]) -> dict[str, float]:
+        return self.strategy.train_step(loss_fn, batches)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def state_dict(self) -> dict[str, torch.Tensor] | None:
         return self.strategy.full_state_dict()
@@ -200,6 +210,26 @@ class DeepSpeedWorker:
 
     def load(self, path: str) -> int:
         self.strategy.load(path)
+        return self.strategy.global_step
+
+    def save_files(self) -> tuple[dict[str, bytes], str | None]:
+        """Save into a directory on this node and return its files (and, on rank 0, `state_digest` of
+        the weights saved): for drivers that share no filesystem with the ranks."""
+        from npr_pipelines.storage.weights import state_digest
+        from npr_pipelines.training.ray_strategy import read_files
+
+        state = self.strategy.full_state_dict()  # collective under ZeRO-3: every rank calls it
+        digest = state_digest(state) if state is not None else None
+        with tempfile.TemporaryDirectory(prefix="npr-ds-save-") as tmp:
+            self.strategy.save(tmp)
+            return read_files(tmp), digest
+
+    def load_files(self, files: dict[str, bytes]) -> int:
+        """`load` from a checkpoint's files (``MANIFEST.json`` included), written on this node first."""
+        from npr_pipelines.training.ray_strategy import write_files
+
+        with tempfile.TemporaryDirectory(prefix="npr-ds-load-") as tmp:
+            self.strategy.load(write_files(tmp, files))
         return self.strategy.global_step
 
 
@@ -254,14 +284,16 @@ class DeepSpeedActorGroup:
     def train_step(
         self, loss_fn: LossFn, seqs: Sequence[TrainSequence], *, micro_batch_size: int = 1, pad_id: int = 0
     ) -> dict[str, float]:
-        """One optimizer step on the GLOBAL ``seqs`` (``loss_fn`` normalised over all of them)."""
+        """One optimizer step on the GLOBAL ``seqs`` (``loss_fn`` normalised over all of them); rank 0's
+        metrics, with ``padded_tokens`` summed over the ranks."""
         import ray
 
         refs = [
             a.train_step.remote(loss_fn, shard(seqs, rank, self.num_workers), micro_batch_size, pad_id)
             for rank, a in enumerate(self.actors)
         ]
-        return ray.get(refs)[0]
+        outs = ray.get(refs)
+        return {**outs[0], "padded_tokens": sum(o["padded_tokens"] for o in outs)}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Full weights (gathered under ZeRO-3) for the rollout engine; from rank 0."""
@@ -274,6 +306,21 @@ class DeepSpeedActorGroup:
     def load(self, path: str | Path) -> int:
         """Resume from a published checkpoint; returns the global step."""
         return self._all("load", str(path))[0]
+
+    def node_ids(self) -> list[str]:
+        """The Ray node id of each rank, in rank order."""
+        return self._all("node_id")
+
+    def save_files(self) -> list[tuple[dict[str, bytes], str | None]]:
+        """Every rank's checkpoint files (and rank 0's weights digest), saved on its own node."""
+        return self._all("save_files")
+
+    def load_files(self, files: dict[str, bytes]) -> int:
+        """Resume every rank from a published checkpoint's files; returns the global step."""
+        import ray
+
+        ref = ray.put(files)
+        return self._all("load_files", ref)[0]
 
     def shutdown(self) -> None:
         import ray

@@ -35,6 +35,7 @@ from torch import nn
 from npr_pipelines.data import Problem
 from npr_pipelines.engine import Engine, EngineConfig, SamplingParams, TokenCodec
 from npr_pipelines.rl import filter_mixed_groups, get_advantage, get_policy_loss
+from npr_pipelines.storage.weights import state_digest
 from npr_pipelines.structure import TagVocab
 from npr_pipelines.tokenization import PromptConfig, has_tag_tokens, prompt_ids
 from npr_pipelines.training.batch import (
@@ -53,7 +54,13 @@ from npr_pipelines.training.checkpoint import (
 )
 from npr_pipelines.training.overrides import apply_stage_values
 from npr_pipelines.training.result import StageResult
-from npr_pipelines.training.rl_rollout import HookFactory, Rollout, assign_rewards, generate_rollouts
+from npr_pipelines.training.rl_rollout import (
+    HookFactory,
+    Rollout,
+    RolloutEngineFactory,
+    assign_rewards,
+    generate_rollouts,
+)
 from npr_pipelines.training.strategy import OptimizerConfig, TorchStrategy, count_targets
 
 STAGES = ("npr_zero", "papo", "sr")
@@ -281,6 +288,7 @@ class _Run:
         config: RLConfig,
         workdir: Path,
         logits_hook: HookFactory | None = None,
+        rollout_engine: RolloutEngineFactory | None = None,
     ):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -321,14 +329,14 @@ class _Run:
         self.tags = TagVocab.from_tokenizer(self.tokenizer) if has_tag_tokens(self.tokenizer) else None
         if config.mode == "parallel" and self.tags is None:
             raise ValueError("parallel rollouts need the tag tokens in the tokenizer (a stage-2+ checkpoint)")
-        self.engine = Engine(
-            self.model,
-            self.codec,
-            self.tags,
-            EngineConfig(num_blocks=config.engine_blocks, block_size=config.engine_block_size),
-        )
-        # In-process weight sync: the engine must read the very parameters the optimiser updates.
-        assert self.engine.model.hf is self.model, "the engine does not wrap the training model"
+        engine_config = EngineConfig(num_blocks=config.engine_blocks, block_size=config.engine_block_size)
+        self.remote = rollout_engine is not None
+        if rollout_engine is not None:  # replicas elsewhere (the cluster profile): synced after updates
+            self.engine = rollout_engine(self.model, self.codec, self.tags, engine_config)
+        else:
+            self.engine = Engine(self.model, self.codec, self.tags, engine_config)
+            # In-process weight sync: the engine must read the very parameters the optimiser updates.
+            assert self.engine.model.hf is self.model, "the engine does not wrap the training model"
         self.prompt_cache: dict[int, list[int]] = {}
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.params = SamplingParams(
@@ -436,6 +444,8 @@ class _Run:
             )
         # A mini-batch count below the configured one still advances the schedule as configured.
         self.strategy.global_step += cfg.mini_batches_per_step - n_mb
+        if self.remote:
+            self.engine.sync_weights(self.model)  # the replicas roll out the updated policy next step
         keys = {k for m in per_mb for k in m if k != "step"}
         metrics = {k: sum(m.get(k, 0.0) for m in per_mb) / len(per_mb) for k in sorted(keys)}
         metrics["adv_abs_mean"] = float(adv.abs().mean())
@@ -485,6 +495,7 @@ def run_rl(
     on_checkpoint: Callable[[int, Path], None] | None = None,
     on_log: Callable[[dict[str, Any]], None] | None = None,
     logits_hook: HookFactory | None = None,
+    rollout_engine: RolloutEngineFactory | None = None,
 ) -> StageResult:
     """Run (or resume, or return) the RL stage ``config`` from the HF checkpoint ``init_dir``.
 
@@ -493,6 +504,9 @@ def run_rl(
     workdir that already holds the final step returns at once; one with an earlier checkpoint
     resumes from it (the config must be the same). ``logits_hook`` constrains rollout decoding
     (tests script structure with it); it is not part of the config, so keep it fixed across resumes.
+    ``rollout_engine(model, codec, tags, engine_config)`` builds the rollout engine instead of the
+    in-process one (e.g. ``compute.engine_pool.EnginePoolFactory``: replicas as Ray actors, whose
+    weights are synced after every update); its ``describe()`` is added to the metrics.
     """
     workdir = Path(workdir)
     if not problems:
@@ -504,7 +518,8 @@ def run_rl(
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     try:
-        return _run(Path(init_dir), problems, config, workdir, on_checkpoint, on_log, logits_hook)
+        return _run(Path(init_dir), problems, config, workdir, on_checkpoint, on_log, logits_hook,
+                    rollout_engine)  # fmt: skip
     finally:
         torch.set_num_threads(old_threads)
 
@@ -528,8 +543,9 @@ def _run(
     on_checkpoint: Callable[[int, Path], None] | None,
     on_log: Callable[[dict[str, Any]], None] | None,
     logits_hook: HookFactory | None,
+    rollout_engine: RolloutEngineFactory | None = None,
 ) -> StageResult:
-    run = _Run(init_dir, problems, config, workdir, logits_hook)
+    run = _Run(init_dir, problems, config, workdir, logits_hook, rollout_engine)
     t_start = time.perf_counter()
     while run.step < config.steps:
         step = run.step + 1
@@ -557,6 +573,9 @@ def _run(
                 on_checkpoint(step, path)
     metrics = summarize_history(run.history)
     metrics["wall_s_this_call"] = round(time.perf_counter() - t_start, 3)
+    if run.remote:
+        metrics["engine_pool"] = run.engine.describe()
+        metrics["weights_sha256"] = state_digest(run.model.state_dict())
     final = list_checkpoints(workdir)[-1][1]
     _store_metrics(final, metrics)
     return StageResult(final, config.steps, list_checkpoints(workdir), run.history, metrics)

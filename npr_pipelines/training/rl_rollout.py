@@ -14,7 +14,15 @@ from typing import Protocol
 import torch
 
 from npr_pipelines.data import Problem
-from npr_pipelines.engine import Engine, EngineOutput, LogitsHook, Request, SamplingParams, TokenCodec
+from npr_pipelines.engine import (
+    Engine,
+    EngineConfig,
+    EngineOutput,
+    LogitsHook,
+    Request,
+    SamplingParams,
+    TokenCodec,
+)
 from npr_pipelines.eval.runner import SampleRecord, score_output
 from npr_pipelines.rl import get_reward, overlong_penalty
 from npr_pipelines.structure import TagVocab, format_score_v1
@@ -28,6 +36,19 @@ class RolloutEngine(Protocol):
     """What rollouts need of a decoder: the in-process ``Engine`` or ``SGLangBackend``."""
 
     def generate(self, requests: Sequence[Request]) -> list[EngineOutput]: ...
+
+
+class SyncedRolloutEngine(RolloutEngine, Protocol):
+    """Rollout engines outside the trainer's process (``compute.engine_pool.EnginePool``)."""
+
+    def sync_weights(self, model: torch.nn.Module) -> object: ...
+    def describe(self) -> dict: ...
+
+
+#: ``factory(model, codec, tags, engine_config)`` -> the engine an RL run rolls out with.
+RolloutEngineFactory = Callable[
+    [torch.nn.Module, TokenCodec, TagVocab | None, EngineConfig], SyncedRolloutEngine
+]
 
 
 class ApproximateRolloutError(ValueError):

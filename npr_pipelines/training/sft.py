@@ -61,6 +61,7 @@ from npr_pipelines.training.result import StageResult
 from npr_pipelines.training.strategy import (
     OptimizerConfig,
     SftObjective,
+    ShardingStrategy,
     Strategy,
     TorchStrategy,
     count_targets,
@@ -412,6 +413,7 @@ def _train(
             "train_s": round(time.perf_counter() - t_train, 3),
             "tokens_this_run": tokens_seen,
             "wall_s": round(time.perf_counter() - t_start, 3),
+            "strategy": strategy.state_for_checkpoint(),
         }
 
     while step < total:
@@ -427,8 +429,13 @@ def _train(
                 continue
             n_seq_layout += layout == "sequential"
         denominator = float(max(1, count_targets(seqs)))
-        batches = make_micro_batches(seqs, micro, pad_id)
-        out = strategy.train_step(SftObjective(denominator), batches)
+        if isinstance(strategy, ShardingStrategy):  # ranks elsewhere: each collates its share
+            out = strategy.train_sequences(SftObjective(denominator), seqs, micro, pad_id)
+            padded = int(out.get("padded_tokens", 0))
+        else:
+            batches = make_micro_batches(seqs, micro, pad_id)
+            out = strategy.train_step(SftObjective(denominator), batches)
+            padded = sum(int(b.input_ids.numel()) for b in batches)
         step += 1
         tokens_seen += sum(len(s) for s in seqs)
         record = {
@@ -440,7 +447,7 @@ def _train(
             "sequential_sequences": n_seq_layout,
             "targets": int(denominator),
             "tokens": sum(len(s) for s in seqs),
-            "padded_tokens": sum(int(b.input_ids.numel()) for b in batches),
+            "padded_tokens": padded,
             "elapsed_s": round(time.perf_counter() - t_train, 3),
         }
         history.append(record)

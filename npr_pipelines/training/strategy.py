@@ -71,6 +71,17 @@ class Strategy(Protocol):
     def unwrap(self) -> nn.Module: ...
 
 
+@runtime_checkable
+class ShardingStrategy(Strategy, Protocol):
+    """A strategy whose ranks live in other processes (``ray_strategy.RayDeepSpeedStrategy``): it takes a
+    step's GLOBAL sequences and shards them over its ranks, each collating micro-batches of
+    ``micro_batch_size``; the result also carries ``padded_tokens`` (summed over ranks)."""
+
+    def train_sequences(
+        self, loss_fn: LossFn, seqs: Sequence[TrainSequence], micro_batch_size: int, pad_id: int
+    ) -> dict[str, float]: ...
+
+
 def split_loss(out: LossOut) -> tuple[torch.Tensor, dict[str, float]]:
     loss, metrics = out if isinstance(out, tuple) else (out, {})
     return loss, {k: float(v) for k, v in metrics.items()}

@@ -1,0 +1,123 @@
+"""The cluster profile's compute layout: DeepSpeed ranks and engine replicas as Ray actors.
+
+In the cluster profile every training stage runs as a Ray Job (``compute.stage_job``). Inside the job,
+`ClusterCompute` says how the stage spreads over the cluster:
+
+- SFT stages train with DeepSpeed ZeRO (``zero_stage``, ``offload_optimizer``, ``offload_params``) on
+  ``train_workers`` ranks (``training.ray_strategy.RayDeepSpeedStrategy``), one Ray actor per
+  placement-group bundle (``{"CPU": worker_cpus}`` plus ``{"GPU": 1}`` with ``use_gpu``), placed by
+  ``placement_strategy`` (``STRICT_SPREAD``: every rank on a different node);
+- RL stages roll out on ``engine_replicas`` engine replicas (``compute.engine_pool.EnginePool``,
+  data-parallel dispatch, weights synced from the trainer after every update) while the trainer runs
+  in the job's driver process.
+
+``train_workers = 0`` or ``engine_replicas = 0`` keeps that part in the job's own process (the embedded
+layout). The layout travels to the job as JSON in the stage spec and is part of the stage's run key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+#: Driver kinds: what a stage driver can hand to the cluster.
+STRATEGY, ROLLOUTS = "strategy", "rollouts"
+
+
+@dataclass(frozen=True)
+class ClusterCompute:
+    """How a stage job uses the cluster (see the module docstring)."""
+
+    train_workers: int = 2
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    placement_strategy: str = "SPREAD"
+    use_gpu: bool = False
+    worker_cpus: float = 1.0
+    engine_replicas: int = 2
+    engine_cpus: float = 1.0
+    engine_gpus: float = 0.0
+    engine_placement_strategy: str = "SPREAD"
+
+    def __post_init__(self) -> None:
+        for name in ("placement_strategy", "engine_placement_strategy"):
+            if getattr(self, name) not in PLACEMENT_STRATEGIES:
+                raise ValueError(f"{name} must be one of {PLACEMENT_STRATEGIES}, got {getattr(self, name)!r}")
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ValueError(f"zero_stage must be 0-3, got {self.zero_stage}")
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params needs ZeRO stage 3")
+        if self.train_workers < 0 or self.engine_replicas < 0:
+            raise ValueError("train_workers and engine_replicas must be >= 0")
+        if self.worker_cpus <= 0 or self.engine_cpus <= 0 or self.engine_gpus < 0:
+            raise ValueError("worker_cpus and engine_cpus must be > 0, engine_gpus >= 0")
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ClusterCompute:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown cluster compute fields {unknown}")
+        return cls(**dict(data))
+
+    def deepspeed_options(self) -> Any:
+        from npr_pipelines.training.deepspeed_strategy import DeepSpeedOptions
+
+        return DeepSpeedOptions(
+            zero_stage=self.zero_stage,
+            offload_optimizer=self.offload_optimizer,
+            offload_params=self.offload_params,
+        )
+
+
+@contextmanager
+def stage_compute(kind: str, compute: ClusterCompute | None, *, seed: int = 0) -> Iterator[dict[str, Any]]:
+    """Keyword arguments that put a stage driver's work on the cluster (attaching this process to Ray,
+    ``RAY_ADDRESS`` in a job); every actor and placement group is released when the block ends.
+
+    ``kind``: `STRATEGY` (an SFT driver: ``strategy=``) or `ROLLOUTS` (an RL driver: ``rollout_engine=``).
+    """
+    if compute is None:
+        yield {}
+        return
+    if kind == STRATEGY and compute.train_workers > 0:
+        from npr_pipelines.compute.ray_local import ensure_ray
+        from npr_pipelines.training.ray_strategy import RayDeepSpeedStrategy
+
+        ensure_ray()
+        strategy = RayDeepSpeedStrategy(
+            compute.deepspeed_options(),
+            num_workers=compute.train_workers,
+            placement_strategy=compute.placement_strategy,
+            use_gpu=compute.use_gpu,
+            cpus_per_worker=compute.worker_cpus,
+            seed=seed,
+        )
+        with strategy:
+            yield {"strategy": strategy}
+    elif kind == ROLLOUTS and compute.engine_replicas > 0:
+        from npr_pipelines.compute.engine_pool import EnginePoolFactory
+        from npr_pipelines.compute.ray_local import ensure_ray
+
+        ensure_ray()
+        factory = EnginePoolFactory(
+            replicas=compute.engine_replicas,
+            cpus=compute.engine_cpus,
+            gpus=compute.engine_gpus,
+            placement_strategy=compute.engine_placement_strategy,
+            threads=max(1, int(compute.engine_cpus)),
+        )
+        try:
+            yield {"rollout_engine": factory}
+        finally:
+            factory.close()
+    else:
+        yield {}

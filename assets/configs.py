@@ -1,8 +1,9 @@
 """Stage configs for a profile: the library drivers' typed configs with the profile's values applied.
 
 The drivers' defaults are the paper's values for real models; a toy profile overrides what a
-~1M-parameter model needs (``npr_pipelines.toy.profiles``). Each stage's config is also what its
-MLflow run logs and what its run key hashes.
+~1M-parameter model needs (``npr_pipelines.toy.profiles``); the real-model ``paper`` profile holds
+its configs whole (``npr_pipelines.profiles.paper``). Each stage's config is also what its MLflow run
+logs and what its run key hashes.
 """
 
 from __future__ import annotations
@@ -10,22 +11,24 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from npr_pipelines.profiles import PaperProfile, Profile, get_profile
 from npr_pipelines.tokenization import PromptConfig
-from npr_pipelines.toy.profiles import ToyProfile, get_profile
 from npr_pipelines.toy.tokenizer import TOY_PROMPT
 from npr_pipelines.training.distill import RejectionConfig
 from npr_pipelines.training.rl import RLConfig, npr_zero_config, papo_config, sr_config
 from npr_pipelines.training.sft import SFTConfig
 
 
-def profile_prompt(profile: ToyProfile) -> PromptConfig:
-    del profile  # every built-in profile is a toy profile; a real-model profile uses NPR_INSTRUCTION
-    return TOY_PROMPT
+def profile_prompt(profile: Profile) -> PromptConfig:
+    """The evaluation prompt: the toy world's short instruction, or the NPR instruction (real models)."""
+    return profile.prompt() if isinstance(profile, PaperProfile) else TOY_PROMPT
 
 
 def stage_configs(profile_name: str, seed: int = 0) -> dict[str, Any]:
     """Every stage's config for ``profile_name``: npr_zero, rejection, npr_beta, sr_beta, npr, sr."""
     profile = get_profile(profile_name)
+    if isinstance(profile, PaperProfile):
+        return profile.stage_configs(seed)
     prompt = profile_prompt(profile)
     npr_zero: RLConfig = (
         npr_zero_config()

@@ -28,17 +28,20 @@ def _storage() -> Storage:
 
 def train_source_version() -> str:
     """Version of the training problems' source: the file's bytes when ``NPR_TRAIN_PROBLEMS`` names one,
-    else the toy profile's problem settings."""
+    else the toy profile's problem settings (a real-model profile needs the file)."""
+    from npr_pipelines.profiles import TRAIN_PROBLEMS, PaperProfile, get_profile, resolve
+
     uri = os.environ.get("NPR_TRAIN_PROBLEMS", "")
+    profile = None if uri else get_profile(os.environ.get("NPR_PROFILE", "default"))
+    if isinstance(profile, PaperProfile):
+        uri = resolve(TRAIN_PROBLEMS)  # raises, naming the variable
     if uri:
         import fsspec
 
         with fsspec.open(uri, "rb") as f:
             return hashlib.sha256(f.read()).hexdigest()[:24]
     from npr_pipelines.toy.cache import to_json
-    from npr_pipelines.toy.profiles import get_profile
 
-    profile = get_profile(os.environ.get("NPR_PROFILE", "default"))
     payload = json.dumps([to_json(profile.bootstrap.problems), profile.train_problems], sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 

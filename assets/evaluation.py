@@ -26,7 +26,7 @@ from assets.data import BENCHMARKS
 from npr_pipelines.eval.benchmarks import get_benchmark
 from npr_pipelines.eval.report import headline_metrics, report_figure, report_markdown
 from npr_pipelines.eval.speedup import mode_speedups
-from npr_pipelines.toy.profiles import get_profile
+from npr_pipelines.profiles import get_profile
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
 
 EVAL_PARTITIONS = dg.MultiPartitionsDefinition({"checkpoint": CHECKPOINTS, "benchmark": BENCHMARKS})

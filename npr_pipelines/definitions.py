@@ -1,7 +1,8 @@
 """The Dagster code location (``workspace.yaml`` names this module; nothing in the library imports it).
 
 Resources default to the embedded profile: local Ray on 127.0.0.1, storage and MLflow under
-``$NPR_HOME`` (``.npr``). ``NPR_PROFILE`` picks the stage configs (``default``, ``small``).
+``$NPR_HOME`` (``.npr``). ``NPR_PROFILE`` picks the stage configs (``default``, ``small``, or ``paper``
+for a real model: ``NPR_BASE_MODEL_URI``, ``NPR_TRAIN_PROBLEMS`` and ``NPR_BENCHMARK_DIR`` name its inputs).
 ``NPR_RAY_JOBS_ADDRESS`` (a Ray dashboard URL) selects the cluster profile for training stages: each is
 submitted as a Ray Job through dagster-ray Pipes (``resources/ray.py``). ``NPR_STORAGE_URI`` (e.g.
 ``s3://bucket/prefix``) and ``MLFLOW_TRACKING_URI`` point artifacts and lineage at shared services
@@ -34,6 +35,8 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
             "settings": PipelineSettings(
                 profile=profile or os.environ.get("NPR_PROFILE", "default"),
                 benchmark_root=os.environ.get("NPR_BENCHMARK_DIR", ""),
+                base_model_uri=os.environ.get("NPR_BASE_MODEL_URI", ""),
+                train_problems_uri=os.environ.get("NPR_TRAIN_PROBLEMS", ""),
             ),
             "storage": StorageResource(base_uri=os.environ.get("NPR_STORAGE_URI", "")),
             "mlflow": MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")),

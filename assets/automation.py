@@ -23,7 +23,22 @@ retrain_schedule = dg.ScheduleDefinition(
 
 
 def _storage() -> Storage:
-    return Storage(os.path.join(os.environ.get("NPR_HOME", ".npr"), "artifacts"))
+    """The artifact store the assets publish to: ``NPR_STORAGE_URI``, else ``$NPR_HOME/artifacts``."""
+    return Storage(
+        os.environ.get("NPR_STORAGE_URI") or os.path.join(os.environ.get("NPR_HOME", ".npr"), "artifacts")
+    )
+
+
+def profile_benchmarks() -> list[str]:
+    """The benchmarks new checkpoints are evaluated on: every registered one, or under a real-model
+    profile (``NPR_PROFILE``) the file benchmarks (it has no toy splits)."""
+    from npr_pipelines.eval.benchmarks import REGISTRY
+    from npr_pipelines.profiles import PaperProfile, get_profile
+
+    keys = BENCHMARKS.get_partition_keys()
+    if isinstance(get_profile(os.environ.get("NPR_PROFILE", "default")), PaperProfile):
+        return [k for k in keys if REGISTRY[k].file is not None]
+    return keys
 
 
 def train_source_version() -> str:
@@ -82,7 +97,7 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
         index
     ) else []  # fmt: skip
     known = set(json.loads(context.cursor)) if context.cursor else set()
-    new, requests = new_checkpoint_requests(known, published, BENCHMARKS.get_partition_keys())
+    new, requests = new_checkpoint_requests(known, published, profile_benchmarks())
     if not new:
         return dg.SkipReason(f"no new checkpoints ({len(known)} known)")
     return dg.SensorResult(

@@ -226,3 +226,25 @@ def test_benchmarks_asset_reads_only_the_files(tmp_path: Path, no_sources) -> No
     out = benchmarks(dg.build_asset_context(), PipelineSettings(profile="paper", benchmark_root=str(root)))
     assert out.value.benchmark.tolist() == ["aime25"]  # no toy splits under a real-model profile
     assert "math500" in out.metadata["not_found"].value
+
+
+def test_checkpoint_sensor_evaluates_the_file_benchmarks_on_the_shared_store(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from assets.automation import checkpoint_sensor, profile_benchmarks
+    from npr_pipelines.eval.benchmarks import REGISTRY
+    from npr_pipelines.storage import Storage
+    from npr_pipelines.storage.checkpoints import checkpoint_ref, record_checkpoint
+
+    monkeypatch.setenv("NPR_PROFILE", "paper")
+    monkeypatch.setenv("NPR_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NPR_STORAGE_URI", str(tmp_path / "shared"))
+    assert (
+        set(profile_benchmarks()) == {n for n, spec in REGISTRY.items() if spec.file}
+        and "aime25" in profile_benchmarks()
+    )
+    ref = checkpoint_ref(stage="base", step=0, uri="/x/base", data_version="v", run_id=None)
+    record_checkpoint(Storage(str(tmp_path / "shared")), ref)
+    result = checkpoint_sensor(dg.build_sensor_context(instance=dg.DagsterInstance.ephemeral()))
+    benches = {r.partition_key.keys_by_dimension["benchmark"] for r in result.run_requests}
+    assert benches == set(profile_benchmarks()) and "toy_test" not in benches

@@ -405,3 +405,99 @@ def test_publish_rejects_reserved_names_and_missing_source(storage: Storage, tmp
             make_tree(tmp_path / "ok", {"x": b"1"}), storage.uri("x"), metadata={"f": float("nan")}
         )
     assert not storage.exists(storage.uri("x"))
+
+
+# -- a publisher killed mid-publication (#11: no reader ever sees a partial artifact) ----------------
+
+
+class Killed(BaseException):
+    """A process death as the code under test sees it: no ``except Exception`` cleanup runs."""
+
+
+def killed_after(n: int, func):
+    """Wrap ``func`` so that call number ``n + 1`` dies like a SIGKILLed process would."""
+    count = {"n": 0}
+
+    def wrapper(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > n:
+            raise Killed
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+def assert_invisible(storage: Storage, uri: str, partition: str, tmp_path: Path) -> None:
+    """Every reader refuses an unfinished checkpoint publication."""
+    from npr_pipelines.storage.checkpoints import read_checkpoint
+
+    assert not storage.is_published(uri)
+    assert storage.list_published() == []
+    with pytest.raises(ArtifactError, match=r"MANIFEST.json is missing"):
+        storage.fetch_dir(uri, tmp_path / "reader-copy")
+    with pytest.raises(KeyError, match=partition):  # its index entry is written only after publishing
+        read_checkpoint(storage, partition)
+
+
+def test_s3_upload_killed_mid_publish_is_invisible_and_a_retry_publishes_it(
+    s3: Storage, src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from npr_pipelines.compute.stage_job import publish_stage_checkpoint
+    from npr_pipelines.storage.checkpoints import read_checkpoint
+
+    uri = s3.uri("checkpoints", "npr", "key", "step-000003")
+    monkeypatch.setattr(s3.fs, "put_file", killed_after(2, s3.fs.put_file))
+    with pytest.raises(Killed):
+        publish_stage_checkpoint(s3, "npr", "key", 3, src, None)
+    monkeypatch.undo()
+    s3.fs.invalidate_cache()
+    assert len(s3.fs.find(s3._path(uri))) == 2  # the killed upload's files are there...
+    assert_invisible(s3, uri, "npr-000003", tmp_path)  # ...and no reader sees them
+    ref = publish_stage_checkpoint(s3, "npr", "key", 3, src, None)  # the restarted stage publishes again
+    assert ref["uri"] == uri and read_checkpoint(s3, "npr-000003") == ref
+    assert s3.verify_dir(uri).files.keys() == TREE.keys()
+    s3.fetch_dir(uri, tmp_path / "copy")
+    assert {k: v for k, v in read_tree(tmp_path / "copy").items() if k != MANIFEST_NAME} == TREE
+
+
+KILL_BETWEEN_FILES = """
+import os, signal, sys
+import npr_pipelines.storage.publish as publish
+from npr_pipelines.compute.stage_job import publish_stage_checkpoint
+from npr_pipelines.storage import Storage
+
+copy, calls = publish._copy_file, []
+
+def copy_then_die(src, dst):
+    calls.append(src)
+    if len(calls) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return copy(src, dst)
+
+publish._copy_file = copy_then_die
+publish_stage_checkpoint(Storage(sys.argv[1]), "npr", "key", 3, sys.argv[2], None)
+"""
+
+
+def test_local_publish_killed_between_files_is_invisible_and_a_retry_cleans_up(
+    tmp_path: Path, src: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from npr_pipelines.compute.stage_job import publish_stage_checkpoint
+    from npr_pipelines.storage.checkpoints import read_checkpoint
+
+    storage = Storage(str(tmp_path / "artifacts"))
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_FILES, storage.base_uri, str(src)], check=False)
+    assert proc.returncode == -signal.SIGKILL
+    uri = storage.uri("checkpoints", "npr", "key", "step-000003")
+    debris = siblings(Path(uri))
+    assert len(debris) == 1 and debris[0].startswith(".step-000003.publishing-")  # killed mid-staging
+    assert len(read_tree(Path(uri).parent / debris[0])) == 2
+    assert_invisible(storage, uri, "npr-000003", tmp_path)
+    ref = publish_stage_checkpoint(storage, "npr", "key", 3, src, None)
+    assert read_checkpoint(storage, "npr-000003") == ref
+    assert storage.verify_dir(uri).files.keys() == TREE.keys()
+    assert siblings(Path(uri)) == ["step-000003"]  # the killed publisher's staging directory is gone

@@ -12,11 +12,13 @@ without a manifest is an unfinished publication and readers refuse it.
   the destination unpublished (readers refuse it); the partial upload is removed best-effort.
 
 Any unmanifested content already at the destination is treated as the debris of an interrupted
-publication and replaced. Single writer per destination is assumed.
+publication and replaced; so are the hidden staging directories a killed local publisher (or fetch)
+left beside it. Single writer per destination is assumed.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import posixpath
 import shutil
@@ -62,6 +64,13 @@ def _scan_local_dir(local_dir: Path) -> list[tuple[str, Path]]:
 
 def _hidden_sibling(path: Path, tag: str) -> Path:
     return path.with_name(f".{path.name}.{tag}-{uuid.uuid4().hex[:12]}")
+
+
+def _remove_debris(path: Path, *tags: str) -> None:
+    """Hidden siblings of ``path`` that a killed writer left (single writer per destination)."""
+    for tag in tags:
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.{tag}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
 
 
 def _swap_into_place(staged: Path, dest: Path) -> None:
@@ -127,6 +136,7 @@ def _publish_local(
     if (dest / MANIFEST_NAME).exists() and not overwrite:
         raise _already_published(dest_uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
+    _remove_debris(dest, "publishing", "replaced")
     staged = _hidden_sibling(dest, "publishing")
     try:
         staged.mkdir()
@@ -255,6 +265,7 @@ def fetch_dir(
     if target.exists() and not overwrite:
         raise ArtifactError(f"{target}: already exists; pass overwrite=True to replace it", uri=str(target))
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_debris(target, "fetching", "replaced")
     staged = _hidden_sibling(target, "fetching")
     try:
         staged.mkdir()

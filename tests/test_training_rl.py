@@ -278,6 +278,25 @@ def test_finished_run_returns_immediately(tiny_plain, tmp_path, monkeypatch) -> 
         run_rl(tiny_plain, problems, cfg.replace(lr=2e-3), tmp_path / "run")
 
 
+def test_killed_between_final_checkpoint_and_metrics_still_reports_them(tiny_plain, tmp_path) -> None:
+    tok = _tok(tiny_plain)
+    cfg = _config(mode="sequential", stage="sr", steps=1)
+    problems = _problems(["a", "b"])
+    full = run_rl(tiny_plain, problems, cfg, tmp_path / "full", logits_hook=_resume_hook(tok))
+
+    def kill(*_: object) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):  # the final checkpoint is on disk, its metrics are not
+        run_rl(tiny_plain, problems, cfg, tmp_path / "run", logits_hook=_resume_hook(tok), on_checkpoint=kill)
+    again = run_rl(tiny_plain, problems, cfg, tmp_path / "run")
+    timings = {"rollout_s", "train_s", "wall_s_this_call"}
+    assert again.final_step == 1 and again.metrics.keys() == full.metrics.keys() - {"wall_s_this_call"}
+    assert {k: v for k, v in again.metrics.items() if k not in timings} == {
+        k: v for k, v in full.metrics.items() if k not in timings
+    }
+
+
 def test_lr_schedule_warmup_and_cosine() -> None:
     cfg = RLConfig(lr=1.0, steps=10, mini_batches_per_step=2, warmup_steps=2, warmup_start_ratio=0.2,
                    lr_schedule="cosine", min_lr_ratio=0.1)  # fmt: skip

@@ -532,7 +532,9 @@ def _finished(workdir: Path, config: RLConfig) -> StageResult | None:
     state = read_state(path)
     if not _stored_config_matches(state.config, config):
         raise ValueError(f"{workdir} holds a finished run with a different config; use a fresh workdir")
-    return StageResult(path, step, checkpoints, list(state.history), dict(state.extra.get("metrics", {})))
+    # Metrics are stored after the final checkpoint is written: a run killed in between has none yet.
+    metrics = state.extra.get("metrics") or summarize_history(state.history)
+    return StageResult(path, step, checkpoints, list(state.history), dict(metrics))
 
 
 def _run(

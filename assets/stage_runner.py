@@ -16,6 +16,7 @@ Where it runs depends on the Ray resource:
   Pipes extras, logs into that run itself, and reports the final checkpoint back through Pipes.
 """
 
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -122,8 +123,10 @@ def _run_local(context: dg.AssetExecutionContext, run: StageRun, *, stage: str, 
 
 def _run_ray_job(context: dg.AssetExecutionContext, run: StageRun, *, stage: str, key: str, driver: str,
                  init: Mapping[str, Any], records: list[dict[str, Any]], cfg: dict[str, Any],
-                 tracking_uri: str, store: Storage, ray: RayResource) -> dict[str, Any]:  # fmt: skip
-    """The cluster path: a Ray Job through dagster-ray Pipes; the job logs into ``run`` itself."""
+                 tracking_uri: str, store: Storage, ray: RayResource,
+                 compute: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """The cluster path: a Ray Job through dagster-ray Pipes; the job logs into ``run`` itself (and with
+    ``compute``, spreads the stage over the cluster: DeepSpeed ranks, engine replicas)."""
     # The job logs through the spec's run id; the variables make fluent ``mlflow`` calls land there too.
     mlflow_env = {"MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_RUN_ID": run.run_id}
     params = ray.submit_job_params(name=stage.replace("_", "-"), env_vars=mlflow_env)
@@ -131,7 +134,7 @@ def _run_ray_job(context: dg.AssetExecutionContext, run: StageRun, *, stage: str
         stage=stage, driver=driver, run_key=key, config=cfg, init_uri=init["uri"],
         data_uri=publish_stage_inputs(store, stage, key, records), storage_uri=store.base_uri,
         tracking_uri=tracking_uri, mlflow_run_id=run.run_id, work_root=ray.job_work_dir,
-        threads=ray.job_cpus(), ray_job_id=params["submission_id"],
+        threads=ray.job_cpus(), ray_job_id=params["submission_id"], compute=compute,
     )  # fmt: skip
     context.log.info(f"{stage}: run key {key}, Ray job {spec.ray_job_id} at {ray.job_submission_address}, "
                      f"mlflow run {run.run_id}")  # fmt: skip
@@ -177,6 +180,9 @@ def run_training_stage(
     get_driver(driver)
     cfg = config_json(config)
     versions = [u["data_version"] for u in upstream] + list(extra_versions)
+    compute = ray.cluster_compute()  # None: the embedded layout
+    if compute is not None:  # DeepSpeed ranks and engine replicas train differently: another identity
+        versions.append("compute:" + json.dumps(compute, sort_keys=True))
     key = run_key(stage, cfg, versions)
     store = storage.get()
     records = data.to_dict("records")
@@ -189,7 +195,8 @@ def run_training_stage(
         log_asset_inputs(run, inputs or {}, store)  # upstream asset -> (value, Dagster data version)
         if ray.uses_ray_jobs():
             out = _run_ray_job(context, run, stage=stage, key=key, driver=driver, init=init, records=records,
-                               cfg=cfg, tracking_uri=tracker.tracking_uri, store=store, ray=ray)  # fmt: skip
+                               cfg=cfg, tracking_uri=tracker.tracking_uri, store=store, ray=ray,
+                               compute=compute)  # fmt: skip
         else:
             out = _run_local(context, run, stage=stage, key=key, driver=driver, init=init, records=records,
                              config=config, settings=settings, store=store, ray=ray)  # fmt: skip

@@ -4,9 +4,11 @@ Resources default to the embedded profile: local Ray on 127.0.0.1, storage and M
 ``$NPR_HOME`` (``.npr``). ``NPR_PROFILE`` picks the stage configs (``default``, ``small``, or ``paper``
 for a real model: ``NPR_BASE_MODEL_URI``, ``NPR_TRAIN_PROBLEMS`` and ``NPR_BENCHMARK_DIR`` name its inputs).
 ``NPR_RAY_JOBS_ADDRESS`` (a Ray dashboard URL) selects the cluster profile for training stages: each is
-submitted as a Ray Job through dagster-ray Pipes (``resources/ray.py``). ``NPR_STORAGE_URI`` (e.g.
-``s3://bucket/prefix``) and ``MLFLOW_TRACKING_URI`` point artifacts and lineage at shared services
-(``docker/compose.yaml`` sets both).
+submitted as a Ray Job through dagster-ray Pipes (``resources/ray.py``); ``NPR_COMPUTE=cluster`` spreads
+each job over the cluster (DeepSpeed ranks for SFT, engine replicas for RL rollouts) and
+``NPR_RAY_ADDRESS`` (the cluster's GCS address) runs rejection sampling and evaluation there too.
+``NPR_STORAGE_URI`` (e.g. ``s3://bucket/prefix``) and ``MLFLOW_TRACKING_URI`` point artifacts and
+lineage at shared services (``docker/compose.yaml`` sets both).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from assets.training import corpus_recheck
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
 
 
-def build_definitions(profile: str | None = None) -> dg.Definitions:
+def build_definitions(profile: str | None = None, *, ray: RayResource | None = None) -> dg.Definitions:
+    """The code location; ``ray`` replaces the Ray resource the environment describes (tests)."""
     return dg.Definitions(
         assets=ALL_ASSETS,
         asset_checks=[*checkpoint_checks(CHECKPOINT_ASSETS), corpus_recheck],
@@ -40,9 +43,11 @@ def build_definitions(profile: str | None = None) -> dg.Definitions:
             ),
             "storage": StorageResource(base_uri=os.environ.get("NPR_STORAGE_URI", "")),
             "mlflow": MlflowResource(tracking_uri=os.environ.get("MLFLOW_TRACKING_URI", "")),
-            "ray": RayResource(
+            "ray": ray
+            or RayResource(
                 address=os.environ.get("NPR_RAY_ADDRESS", ""),
                 job_submission_address=os.environ.get("NPR_RAY_JOBS_ADDRESS", ""),
+                compute=os.environ.get("NPR_COMPUTE", "embedded"),
             ),
             "io_manager": NprIOManager(),
         },

@@ -9,6 +9,8 @@ import dagster as dg
 
 from npr_pipelines.compute.ray_local import RayInfo, enable_jobs_client_auth, ensure_ray
 
+COMPUTE_MODES = ("embedded", "cluster")
+
 
 class RayResource(dg.ConfigurableResource):
     """Where stage compute runs.
@@ -23,6 +25,13 @@ class RayResource(dg.ConfigurableResource):
     uploaded (the cluster has this package installed: an image, or a shared filesystem); otherwise that
     directory (the code) is uploaded minus state, environments and checkpoints. The Ray token comes from
     Ray's own sources (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), never config.
+
+    ``compute`` says what a stage job does on the cluster: ``"embedded"`` runs the driver in the job's
+    own process (torch strategy, in-process engine); ``"cluster"`` (needs ``job_submission_address``)
+    trains SFT with DeepSpeed ZeRO on ``train_workers`` Ray actors placed by ``placement_strategy``
+    (``STRICT_SPREAD``: one per node) and rolls RL out on ``engine_replicas`` engine replicas whose
+    weights follow the trainer (``npr_pipelines.compute.cluster.ClusterCompute``). Rejection sampling and
+    evaluation run as Ray tasks on ``address`` (set it to the cluster's GCS address in this profile).
     """
 
     address: str = ""
@@ -31,6 +40,18 @@ class RayResource(dg.ConfigurableResource):
     job_working_dir: str = ""
     job_python: str = "python"  # the interpreter on the cluster that has this package
     job_work_dir: str = ""  # stage working directories on the job's node ("" = $NPR_HOME/work or temp)
+    compute: str = "embedded"  # "embedded" | "cluster" (see the class docstring)
+    train_workers: int = 2
+    zero_stage: int = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    placement_strategy: str = "SPREAD"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    use_gpu: bool = False
+    worker_cpus: float = 1.0
+    engine_replicas: int = 2
+    engine_cpus: float = 1.0
+    engine_gpus: float = 0.0
+    engine_placement_strategy: str = "SPREAD"
 
     def training_cpus(self) -> int:
         """CPUs a training task asks for: all of a local machine's (one task trains at a time)."""
@@ -45,6 +66,19 @@ class RayResource(dg.ConfigurableResource):
 
     def uses_ray_jobs(self) -> bool:
         return bool(self.job_submission_address)
+
+    def cluster_compute(self) -> dict[str, Any] | None:
+        """The stage jobs' cluster layout (`ClusterCompute` JSON), or None in the embedded layout."""
+        from npr_pipelines.compute.cluster import ClusterCompute
+
+        if self.compute not in COMPUTE_MODES:
+            raise ValueError(f"compute must be one of {COMPUTE_MODES}, got {self.compute!r}")
+        if self.compute == "embedded":
+            return None
+        if not self.uses_ray_jobs():
+            raise ValueError('compute="cluster" runs stages as Ray Jobs: set job_submission_address')
+        fields = {f: getattr(self, f) for f in ClusterCompute.__dataclass_fields__}
+        return ClusterCompute(**fields).to_json()
 
     def job_cpus(self) -> int:
         """CPUs a stage job asks the cluster for (and its torch threads): ``num_cpus``, else 1."""

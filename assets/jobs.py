@@ -8,8 +8,11 @@ rest of the checkpoints are for backfills.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ from assets import STAGE_ASSETS, benchmark_scores
 from assets.common import COMPUTE_SECONDS
 from assets.data import TOY_BENCHMARK
 from npr_pipelines.eval.report import report_markdown
+from npr_pipelines.storage import Storage
 
 MAIN_JOB = dg.define_asset_job("main", selection=dg.AssetSelection.assets(*STAGE_ASSETS))
 EVAL_JOB = dg.define_asset_job("evaluate", selection=dg.AssetSelection.assets(benchmark_scores))
@@ -32,6 +36,15 @@ STAGE_OUTPUTS: dict[str, str] = {
     "sr_beta": "sr_beta_checkpoint",
     "sr": "sr_policy",
 }
+
+#: Tags of the runs `run_main` executes in process. They have no run worker for Dagster to monitor, so
+#: when their process dies they stay STARTED and keep their ``compute`` pool slot (the restart's steps
+#: would wait for it forever); the next `run_main` in the same home fails them and frees their slots.
+RUN_TAGS = {"npr/launcher": "npr-run"}
+UNFINISHED = (
+    dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED, dg.DagsterRunStatus.CANCELING,
+)  # fmt: skip
 
 #: Console logging at INFO: progress stays visible without Dagster's per-event DEBUG lines.
 QUIET = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -62,14 +75,50 @@ def stage_summary(scores: dict[str, Any]) -> dict[str, Any]:
     return {k: entry[k] for k in SUMMARY_FIELDS}
 
 
+@contextmanager
+def home_lock(home: Path) -> Iterator[None]:
+    """Hold ``home`` for one main job: an exclusive ``flock`` the OS releases when the process dies."""
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / ".npr-run.lock", "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RuntimeError(f"{home} is in use by another `npr run` (it holds {f.name})") from None
+        yield
+
+
+def recover_interrupted_runs(instance: dg.DagsterInstance) -> list[str]:
+    """Fail the main job's runs that a killed process left unfinished, and free their pool slots.
+
+    Only safe under `home_lock`: a live `run_main` on this instance would hold the lock.
+    """
+    runs = instance.get_runs(dg.RunsFilter(tags=RUN_TAGS, statuses=list(UNFINISHED)))
+    for run in runs:
+        instance.report_run_failed(run, "interrupted: the process that executed this run died")
+        if instance.event_log_storage.supports_global_concurrency_limits:
+            instance.event_log_storage.free_concurrency_slots_for_run(run.run_id)
+    return [run.run_id for run in runs]
+
+
 def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log=print) -> dict[str, Any]:
     """Materialize the graph, evaluate every stage's final checkpoint, write ``home/summary.json`` and
-    ``home/report.md`` (the tables of every stage), and print the report."""
+    ``home/report.md`` (the tables of every stage), and print the report.
+
+    A run after a crash resumes: stages find their working directories by run key, and the runs the
+    crashed process left unfinished are failed first (`recover_interrupted_runs`)."""
+    with home_lock(home):
+        recovered = recover_interrupted_runs(instance)
+        if recovered:
+            log(f"recovered {len(recovered)} interrupted run(s): {', '.join(recovered)}")
+        return _run_main(defs, instance, home, log)
+
+
+def _run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log) -> dict[str, Any]:
     start = time.perf_counter()
     COMPUTE_SECONDS.clear()
     log("phase 1: materializing the stage assets")
     result = defs.resolve_job_def("main").execute_in_process(
-        instance=instance, raise_on_error=True, run_config=QUIET
+        instance=instance, raise_on_error=True, run_config=QUIET, tags=RUN_TAGS
     )
     refs: dict[str, dict] = {}
     for stage, asset in STAGE_OUTPUTS.items():
@@ -82,7 +131,7 @@ def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log
     for stage, ref in refs.items():
         key = dg.MultiPartitionKey({"checkpoint": ref["partition"], "benchmark": TOY_BENCHMARK})
         res = eval_job.execute_in_process(
-            instance=instance, partition_key=key, raise_on_error=True, run_config=QUIET
+            instance=instance, partition_key=key, raise_on_error=True, run_config=QUIET, tags=RUN_TAGS
         )
         scores = res.output_for_node("benchmark_scores")
         all_scores.append(scores)
@@ -111,9 +160,10 @@ def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log
         },
         "stages": stages,
     }
-    (home / "summary.json").write_text(json.dumps(summary, indent=2))
+    home_files = Storage(str(home))  # atomic writes: a kill never leaves a truncated summary or report
+    home_files.write_bytes("summary.json", json.dumps(summary, indent=2).encode())
     report = report_markdown(all_scores, by="stage", title=f"Final checkpoints on {TOY_BENCHMARK}")
-    (home / "report.md").write_text(report)
+    home_files.write_bytes("report.md", report.encode())
     log(report)
     t = summary["timing"]
     log(

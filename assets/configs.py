@@ -18,6 +18,16 @@ from npr_pipelines.training.distill import RejectionConfig
 from npr_pipelines.training.rl import RLConfig, npr_zero_config, papo_config, sr_config
 from npr_pipelines.training.sft import SFTConfig
 
+#: Checkpoints a toy-profile training stage writes, evenly spaced, the last one final: a crash loses
+#: at most a quarter of a stage (a restart resumes from the last one; DESIGN.md, "Resume identity").
+#: The paper profile sets its own cadence.
+CHECKPOINTS_PER_STAGE = 4
+
+
+def checkpoint_every(steps: int | None) -> int | None:
+    """``save_every`` for a stage of ``steps`` optimiser/RL steps (None: unknown, keep the default)."""
+    return max(1, steps // CHECKPOINTS_PER_STAGE) if steps else None
+
 
 def profile_prompt(profile: Profile) -> PromptConfig:
     """The evaluation prompt: the toy world's short instruction, or the NPR instruction (real models)."""
@@ -35,13 +45,17 @@ def stage_configs(profile_name: str, seed: int = 0) -> dict[str, Any]:
         .with_stage_values(profile.npr_zero)
         .replace(prompt=prompt, seed=seed, reward=profile.npr_zero_reward)
     )
+    npr_zero = npr_zero.replace(save_every=checkpoint_every(npr_zero.steps))
     papo: RLConfig = papo_config().with_stage_values(profile.papo).replace(prompt=prompt, seed=seed)
+    papo = papo.replace(save_every=checkpoint_every(papo.steps))
     sr: RLConfig = (
         sr_config()
         .with_stage_values(profile.sr or profile.papo)
         .replace(prompt=prompt, seed=seed, mode="sequential")
     )
+    sr = sr.replace(save_every=checkpoint_every(sr.steps))
     sft = dataclasses.replace(SFTConfig().with_stage_values(profile.parallel_sft), prompt=prompt, seed=seed)
+    sft = dataclasses.replace(sft, save_every=checkpoint_every(sft.max_steps) or sft.save_every)
     rejection = dataclasses.replace(
         RejectionConfig().with_stage_values(profile.rejection_sampling), prompt=prompt, seed=seed
     )

@@ -49,6 +49,12 @@ def _rl_stage(context, stage: str, asset: str, driver: str, init_asset: str, ini
     )  # fmt: skip
 
 
+def _print_batch(progress: dict[str, Any]) -> None:
+    """Progress of rejection sampling while it runs (Ray forwards worker stdout)."""
+    print(f"rejection batch {progress['batch']}: attempts {progress['attempts']}, "
+          f"accepted {progress['accepted_in_batch']}, open {progress['open']}", flush=True)  # fmt: skip
+
+
 def _rejection_task(
     policy_dir: str, problems: list, config: RejectionConfig, workdir: str, threads: int
 ) -> dict:
@@ -60,7 +66,7 @@ def _rejection_task(
     torch.set_num_threads(threads)
     tok = AutoTokenizer.from_pretrained(policy_dir)
     model = AutoModelForCausalLM.from_pretrained(policy_dir, dtype=torch.float32).eval()
-    result = run_rejection_sampling(model, tok, problems, config, Path(workdir))
+    result = run_rejection_sampling(model, tok, problems, config, Path(workdir), on_batch=_print_batch)
     return {
         "accepted": result.accepted,
         "attempts_path": str(result.attempts_path),
@@ -91,6 +97,7 @@ def cold_start_traces(
         stage="rejection_sampling", run_key=key, dagster_run_id=context.run_id, asset_key="cold_start_traces",
         upstream_run_ids=[npr_zero_policy["mlflow_run_id"]] if npr_zero_policy.get("mlflow_run_id") else [],
     ) as run:  # fmt: skip
+        context.log.info(f"rejection: run key {key}, workdir {workdir}, mlflow run {run.run_id}")
         run.log_params({"config": json.loads(json.dumps(config.to_dict(), default=str))})
         log_asset_inputs(run, {"npr_zero_policy": (npr_zero_policy, npr_zero_policy["data_version"]),
                                "train_problems": (train_problems, frame_version(train_problems))},
@@ -145,14 +152,19 @@ def records_version(df: pd.DataFrame) -> str:
 
 def _with_problems(attempts: pd.DataFrame, problems: list) -> pd.DataFrame:
     """Attempts with their problem's question, answer and source, and its position among the offered
-    problems (``problem_index``), so the corpus can be built from this frame alone."""
+    problems (``problem_index``), so the corpus can be built from this frame alone; in problem and try
+    order, without the log's ``batch`` (when an attempt was written depends on how often the sampling
+    was interrupted: a resumed run must give the same frame)."""
     if attempts.empty:
         return attempts
     info = pd.DataFrame(
         [{"problem_id": p.id, "problem_index": i, "question": p.question, "answer": p.answer, "source": p.source}
          for i, p in enumerate(problems)]
     )  # fmt: skip
-    return attempts.merge(info, on="problem_id", how="left", validate="many_to_one")
+    merged = attempts.drop(columns=["batch"], errors="ignore").merge(
+        info, on="problem_id", how="left", validate="many_to_one"
+    )
+    return merged.sort_values(["problem_index", "try"], kind="stable").reset_index(drop=True)
 
 
 def _accepted_rows(attempts: pd.DataFrame) -> list[dict[str, Any]]:

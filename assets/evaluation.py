@@ -4,6 +4,10 @@ base and npr_zero are sequential models (tags are text); npr_beta and npr are ev
 mode AND in sequential mode (the format is learnt, not forced by the engine); the SR ablations are
 sequential. Samples are kept in storage next to the summary so a person can see why an answer failed.
 
+In the cluster profile (``RayResource.compute = "cluster"``) the sampled evaluation is dispatched over
+a pool of engine replicas (Ray actors, ``npr_pipelines.compute.engine_pool``); the materialization's
+``engine_pool`` metadata says which replicas, on which nodes, decoded how many requests.
+
 Two-mode checkpoints also get the speedups of DESIGN.md (throughput: all prompts in flight; latency:
 the first ``latency_problems`` problems one at a time). A partition is resumable: its graded chunks are
 saved under ``$NPR_HOME/work/eval/<run key>`` (key: checkpoint data version, eval config, problem set)
@@ -49,10 +53,14 @@ SCORES_PREFIX = "reports/scores"
 
 
 def _evaluate(model_dir: str, problems: list[dict], modes: tuple[str, ...], eval_kwargs: dict, prompt,
-              threads: int, workdir: str, latency_problems: int) -> dict:  # fmt: skip
+              threads: int, workdir: str, latency_problems: int, pool: dict | None = None) -> dict:  # fmt: skip
     """Ray task body: load the checkpoint and evaluate it in each mode, every prompt in flight (chunks
     saved under ``workdir`` as they finish, reused by a re-run), then time the first
-    ``latency_problems`` problems one request at a time."""
+    ``latency_problems`` problems one request at a time.
+
+    With ``pool`` (``EnginePool`` keyword arguments: the cluster profile) the sampled evaluation is
+    dispatched over engine replicas (Ray actors) and ``engine_pool`` in the result describes them; the
+    latencies are still measured on one engine in this task, one request at a time."""
     from pathlib import Path
 
     import torch
@@ -66,19 +74,52 @@ def _evaluate(model_dir: str, problems: list[dict], modes: tuple[str, ...], eval
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     probs = [Problem(p["id"], p["question"], p["answer"], p["source"]) for p in problems]
+    replicas = _engine_pool(model, tokenizer, EvalConfig(**eval_kwargs), pool) if pool else None
     out: dict[str, Any] = {}
-    for mode in modes:
-        cfg = EvalConfig(mode=mode, **eval_kwargs)
-        engine = build_engine(model, tokenizer, cfg)
-        records, wall, reused = evaluate_resumable(
-            model, tokenizer, probs, cfg, prompt, Path(workdir), EVAL_CHUNK, engine, log=print
-        )
-        latencies = latency_resumable(
-            model, tokenizer, probs[:latency_problems], cfg, prompt, Path(workdir), engine
-        )
-        summary = mode_summary(records, wall, latencies, pass_ks=(1,))
-        out[mode] = {"summary": summary, "records": [r.to_dict() for r in records], "reused_chunks": reused}
+    try:
+        for mode in modes:
+            cfg = EvalConfig(mode=mode, **eval_kwargs)
+            engine = build_engine(model, tokenizer, cfg)
+            records, wall, reused = evaluate_resumable(
+                model, tokenizer, probs, cfg, prompt, Path(workdir), EVAL_CHUNK, replicas or engine, log=print
+            )
+            latencies = latency_resumable(
+                model, tokenizer, probs[:latency_problems], cfg, prompt, Path(workdir), engine
+            )
+            summary = mode_summary(records, wall, latencies, pass_ks=(1,))
+            out[mode] = {
+                "summary": summary,
+                "records": [r.to_dict() for r in records],
+                "reused_chunks": reused,
+            }
+        if replicas is not None:
+            out["engine_pool"] = replicas.describe()
+    finally:
+        if replicas is not None:
+            replicas.shutdown()
     return out
+
+
+def _engine_pool(model, tokenizer, config, pool: dict):
+    """Engine replicas over ``model`` (both modes: the mode is per request)."""
+    from npr_pipelines.compute.engine_pool import EnginePool
+    from npr_pipelines.engine import EngineConfig, TokenCodec
+    from npr_pipelines.structure import TagVocab
+    from npr_pipelines.tokenization import has_tag_tokens
+
+    tags = TagVocab.from_tokenizer(tokenizer) if has_tag_tokens(tokenizer) else None
+    engine_config = EngineConfig(num_blocks=config.num_blocks, block_size=config.block_size)
+    return EnginePool(model, TokenCodec.from_tokenizer(tokenizer), tags, engine_config, **pool)
+
+
+def _pool_kwargs(compute: dict | None) -> dict | None:
+    """``EnginePool`` keyword arguments of the cluster layout (``RayResource.cluster_compute``), if any."""
+    if not compute or not compute["engine_replicas"]:
+        return None
+    return {
+        "replicas": compute["engine_replicas"], "cpus": compute["engine_cpus"], "gpus": compute["engine_gpus"],
+        "placement_strategy": compute["engine_placement_strategy"], "threads": max(1, int(compute["engine_cpus"])),
+    }  # fmt: skip
 
 
 def problems_digest(problems: list[dict]) -> str:
@@ -162,6 +203,9 @@ def benchmark_scores(
     latency_problems = min(ev.latency_problems, len(problems))
     identity = {"benchmark": bench, **eval_kwargs, "modes": list(modes), "chunk": EVAL_CHUNK,
                 "latency_problems": latency_problems, "problems": problems_digest(problems)}  # fmt: skip
+    pool = _pool_kwargs(ray.cluster_compute())
+    if pool:  # decoded by engine replicas (batches differ from one engine's): its own identity
+        identity["engine_pool"] = pool
     key = run_key("eval", identity, [ref["data_version"]])
     workdir = settings.home_dir() / "work" / "eval" / key
     context.log.info(f"eval {ckpt} on {bench}: run key {key}, workdir {workdir}")
@@ -171,7 +215,7 @@ def benchmark_scores(
     ray.ensure()
     result = run_on_ray(
         _evaluate, str(model_dir), problems, modes, eval_kwargs, profile_prompt(profile), ray.training_cpus(),
-        str(workdir), latency_problems, num_cpus=ray.training_cpus(),
+        str(workdir), latency_problems, num_cpus=ray.training_cpus(), **({"pool": pool} if pool else {}),
     )  # fmt: skip
     reused = {m: result[m]["reused_chunks"] for m in modes}
     if any(reused.values()):
@@ -212,6 +256,8 @@ def benchmark_scores(
         "modes": dg.MetadataValue.json(summary["modes"]),
         **report,
     }
+    if "engine_pool" in result:
+        metadata["engine_pool"] = dg.MetadataValue.json(result["engine_pool"])
     return dg.Output(summary, metadata=metadata)
 
 

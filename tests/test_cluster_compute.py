@@ -4,9 +4,10 @@
 - `EnginePool`: requests dealt to two engine replicas (Ray actors) come back in order and equal to what
   the in-process engine decodes for the same chunks; ``sync_weights`` pushes the trainer's weights
   (digests reported by the replicas equal the trainer's) and the next rollouts use them;
-- `RayDeepSpeedStrategy`: ZeRO-2 on two DeepSpeed actors driven through ``train_sequences`` matches
-  `TorchStrategy` step for step (an odd batch is padded with target-free copies, which change nothing),
-  and its checkpoint (files gathered from both ranks) reloads to the weights rank 0 reported.
+- `RayDeepSpeedStrategy`: ZeRO-2, and ZeRO-3 with optimizer and parameter offload, on two DeepSpeed
+  actors driven through ``train_sequences`` matches `TorchStrategy` step for step (an odd batch is padded
+  with target-free copies, which change nothing), and its checkpoint (files gathered from both ranks)
+  reloads to the weights rank 0 reported.
 
 The multi-node run of the whole pipeline is ``test_cluster_profile.py``.
 """
@@ -174,7 +175,10 @@ def test_engine_pool_dispatches_and_syncs_weights(cluster) -> None:
     assert placement_group_table(placement_group)["state"] == "REMOVED"  # released on exit
 
 
-def test_ray_deepspeed_strategy_matches_torch(cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "options", [{"zero_stage": 2}, {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}]
+)
+def test_ray_deepspeed_strategy_matches_torch(cluster, options: dict, tmp_path: Path) -> None:
     pytest.importorskip("deepspeed")
     from transformers import AutoModelForCausalLM
 
@@ -187,7 +191,7 @@ def test_ray_deepspeed_strategy_matches_torch(cluster, tmp_path: Path) -> None:
     reference = TorchStrategy()
     reference.setup(tiny_model(seed=1), OPTIMIZER)
     with RayDeepSpeedStrategy(
-        DeepSpeedOptions(zero_stage=2), num_workers=2, placement_strategy="PACK"
+        DeepSpeedOptions(**options), num_workers=2, placement_strategy="PACK"
     ) as strategy:
         strategy.setup(tiny_model(seed=1), OPTIMIZER)
         assert len(strategy.node_ids) == 2
@@ -204,7 +208,12 @@ def test_ray_deepspeed_strategy_matches_torch(cluster, tmp_path: Path) -> None:
 
         strategy.save(tmp_path / "ckpt")
         state = strategy.state_for_checkpoint()
-        assert (state["kind"], state["world_size"], state["zero_stage"]) == ("deepspeed", 2, 2)
+        assert (state["kind"], state["world_size"], state["zero_stage"]) == (
+            "deepspeed",
+            2,
+            options["zero_stage"],
+        )
+        assert state["offload_params"] == options.get("offload_params", False)
         shards = sorted(p.name.split("_mp_")[0] for p in (tmp_path / "ckpt/deepspeed/state").glob("*optim*"))
         assert shards == ["zero_pp_rank_0", "zero_pp_rank_1"]  # both ranks' files, gathered here
         reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt", use_safetensors=True)

@@ -13,7 +13,10 @@ Where it runs depends on the Ray resource:
 - cluster profile (``job_submission_address`` set): a Ray Job submitted through dagster-ray's
   ``PipesRayJobClient``. The initial checkpoint and the records go through storage (the records are
   published under ``inputs/<stage>/<run key>``); the job gets URIs and the asset's MLflow run id as
-  Pipes extras, logs into that run itself, and reports the final checkpoint back through Pipes.
+  Pipes extras, logs into that run itself, and reports the final checkpoint back through Pipes. With
+  ``RayResource.compute = "cluster"`` the job also gets the cluster layout (``compute.cluster``):
+  SFT trains with DeepSpeed on Ray actors across the nodes, RL rolls out on engine replicas; the layout
+  is part of the run key.
 """
 
 import json

@@ -174,6 +174,11 @@ def test_profiles_are_toy_values_not_the_papers():
     assert get_profile("default", seed=2).bootstrap.seed == 2
     with pytest.raises(KeyError):
         get_profile("huge")
+    # the embedded default evaluates with the paper's protocol (T = 1.0, top-p 0.7)
+    assert (DEFAULT.eval.temperature, DEFAULT.eval.top_p) == (
+        PAPER["eval"]["temperature"],
+        PAPER["eval"]["top_p"],
+    )
     for profile in PROFILES.values():
-        assert profile.eval.temperature == 1.0 and profile.eval.top_p == 1.0
+        assert profile.eval.temperature == 1.0
         assert profile.papo.max_new_tokens >= profile.npr_zero.max_new_tokens

@@ -226,3 +226,52 @@ def test_ray_deepspeed_strategy_matches_torch(cluster, options: dict, tmp_path: 
         strategy.load(tmp_path / "published")
         assert strategy.global_step == 2
         assert state_digest(strategy.unwrap().state_dict()) == state["weights_sha256"]
+
+
+def test_deepspeed_sft_resumes_from_the_published_checkpoint(cluster, tmp_path: Path) -> None:
+    """A cluster SFT killed after a checkpoint resumes its DeepSpeed ranks from the published copy (the
+    stage job adopts it: local checkpoints carry no manifest, and DeepSpeed's pickles are read only from
+    manifest-verified directories) and ends with the uninterrupted run's weights."""
+    pytest.importorskip("deepspeed")
+    from _support import byte_bpe_tokenizer
+    from test_training_sft import CFG, corpus
+    from transformers import AutoModelForCausalLM
+
+    from npr_pipelines.compute.cluster import STRATEGY, stage_compute
+    from npr_pipelines.compute.stage_job import adopt_published_resume_point
+    from npr_pipelines.storage import Storage
+    from npr_pipelines.training.sft import CHECKPOINTS, run_sft
+
+    tok = byte_bpe_tokenizer(with_tags=False)
+    base = tmp_path / "base"
+    tiny_qwen3(len(tok), seed=3).save_pretrained(base)
+    tok.save_pretrained(base)
+    layout = ClusterCompute(train_workers=2, placement_strategy="PACK")
+    store = Storage(str(tmp_path / "artifacts"))
+
+    def sft(workdir: Path, **kwargs):
+        with stage_compute(STRATEGY, layout) as extra:
+            return run_sft(base, corpus(), CFG, workdir, **extra, **kwargs)
+
+    full = sft(tmp_path / "full")
+    assert full.metrics["strategy"]["kind"] == "deepspeed" and [s for s, _ in full.checkpoints] == [2, 4]
+
+    class Crash(RuntimeError):
+        pass
+
+    def crash(step: int, path: Path) -> None:
+        raise Crash  # killed right after writing step 2, before publishing it
+
+    with pytest.raises(Crash):
+        sft(tmp_path / "resumed", on_checkpoint=crash)
+    with pytest.raises(Exception, match="MANIFEST"):  # the local copy alone is refused
+        sft(tmp_path / "resumed")
+    root = tmp_path / "resumed" / CHECKPOINTS
+    assert adopt_published_resume_point(store, "npr_beta", "k", root) == root / "step-000002"
+    assert store.is_published(store.uri("checkpoints", "npr_beta", "k", "step-000002"))
+    assert adopt_published_resume_point(store, "npr_beta", "k", root) is None  # already verified
+    resumed = sft(tmp_path / "resumed")
+    assert resumed.metrics["resumed_from"] == 2 and resumed.final_step == 4
+    assert [h["loss"] for h in resumed.history] == pytest.approx([h["loss"] for h in full.history], abs=1e-6)
+    final = [AutoModelForCausalLM.from_pretrained(r.final_dir) for r in (full, resumed)]
+    assert max_weight_diff(final[0], final[1]) < 1e-6

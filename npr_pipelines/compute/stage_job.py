@@ -276,6 +276,24 @@ def _scalars(record: Mapping[str, Any], skip: Sequence[str] = ()) -> dict[str, f
     }
 
 
+def adopt_published_resume_point(storage: Storage, stage: str, run_key: str, root: Path) -> Path | None:
+    """Make the last checkpoint under ``root`` (a run's local ``step-XXXXXX`` directories) a verified copy
+    of its published version, so a resumed DeepSpeed run may read its optimizer state: DeepSpeed's files
+    are pickles, read only from manifest-verified directories (``deepspeed_strategy``), and a local
+    checkpoint has no manifest. A checkpoint the killed job wrote but had not published yet is published
+    first, as it would have been. Returns the directory replaced, or None (nothing to resume from)."""
+    from npr_pipelines.storage import MANIFEST_NAME
+    from npr_pipelines.training.checkpoint import list_checkpoints
+
+    existing = list_checkpoints(root) if root.is_dir() else []
+    if not existing or (existing[-1][1] / MANIFEST_NAME).is_file():
+        return None
+    step, path = existing[-1]
+    uri, _ = publish_checkpoint(storage, stage, run_key, step, path)
+    storage.fetch_dir(uri, path, overwrite=True)  # verified as fetched; MANIFEST.json kept
+    return path
+
+
 def result_uri(stage: str, run_key: str) -> str:
     """Where a stage job writes its result (relative to the storage base)."""
     return f"runs/{stage}/{run_key}/result.json"
@@ -318,6 +336,11 @@ def run_stage(spec: StageSpec, log: Callable[[str], Any] = print) -> dict[str, A
     compute = spec.cluster_compute()
     if compute is not None:
         log(f"{spec.stage}: cluster compute {json.dumps(compute.to_json(), sort_keys=True)}")
+        if driver.compute == STRATEGY and compute.train_workers > 0:
+            from npr_pipelines.training.sft import CHECKPOINTS
+
+            if adopt_published_resume_point(storage, spec.stage, spec.run_key, workdir / CHECKPOINTS):
+                log(f"{spec.stage}: resuming DeepSpeed ranks from the published copy of the last checkpoint")
     with stage_compute(driver.compute, compute, seed=int(getattr(config, "seed", 0))) as extra:
         result = driver.run(init_dir, records, config, workdir, on_checkpoint=on_checkpoint, on_log=on_log,
                             extra=extra)  # fmt: skip

@@ -127,26 +127,27 @@ def metric_table(
     return markdown_table([by, *columns, *(["AVG"] if average else [])], rows)
 
 
-def _throughput_cell(score: Score, mode: str) -> str | None:
-    """Table 3's cell: tokens/s and, in brackets, the speedup over the same checkpoint's sequential mode."""
-    tps = _mode_value("tokens_per_s")(score, mode)
-    if tps is None:
-        return None
-    if mode == "sequential":
-        return f"{tps:.1f} (1.0×)"
-    speedup = score.get("throughput_speedup")
-    return f"{tps:.1f} ({speedup:.2f}×)" if speedup is not None else f"{tps:.1f}"
+def _speedup_cell(metric: str, speedup_key: str, unit: str) -> Callable[[Score, str], str | None]:
+    """A Table 3 cell: ``metric`` in ``mode`` and, in brackets, the checkpoint's ``speedup_key`` over its
+    own sequential mode (1.0x for the sequential row itself)."""
+    value_of = _mode_value(metric)
+
+    def cell(score: Score, mode: str) -> str | None:
+        value = value_of(score, mode)
+        if value is None:
+            return None
+        text = unit.format(value)
+        if mode == "sequential":
+            return f"{text} (1.0×)"
+        speedup = score.get(speedup_key)
+        return f"{text} ({speedup:.2f}×)" if speedup is not None else text
+
+    return cell
 
 
-def _latency_cell(score: Score, mode: str) -> str | None:
-    """Median seconds per request at concurrency 1 and the latency speedup (sequential / parallel)."""
-    median = _mode_value("latency_median_s")(score, mode)
-    if median is None:
-        return None
-    if mode == "sequential":
-        return f"{median:.3f} s (1.0×)"
-    speedup = score.get("latency_speedup")
-    return f"{median:.3f} s ({speedup:.2f}×)" if speedup is not None else f"{median:.3f} s"
+#: tokens/s with all prompts in flight; median seconds per request at concurrency 1.
+_throughput_cell = _speedup_cell("tokens_per_s", "throughput_speedup", "{:.1f}")
+_latency_cell = _speedup_cell("latency_median_s", "latency_speedup", "{:.3f} s")
 
 
 def text_table(

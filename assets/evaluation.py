@@ -27,6 +27,7 @@ from dagster import AssetExecutionContext
 from assets.common import CHECKPOINTS, numeric_metadata, png_markdown, read_checkpoint, run_key, run_on_ray
 from assets.configs import profile_prompt
 from assets.data import BENCHMARKS
+from assets.stage_runner import local_model_dir
 from npr_pipelines.eval.benchmarks import get_benchmark
 from npr_pipelines.eval.report import headline_metrics, report_figure, report_markdown
 from npr_pipelines.eval.speedup import mode_speedups
@@ -209,9 +210,7 @@ def benchmark_scores(
     key = run_key("eval", identity, [ref["data_version"]])
     workdir = settings.home_dir() / "work" / "eval" / key
     context.log.info(f"eval {ckpt} on {bench}: run key {key}, workdir {workdir}")
-    model_dir = settings.home_dir() / "cache" / "checkpoints" / ckpt
-    if not (model_dir / "MANIFEST.json").exists():
-        store.fetch_dir(ref["uri"], model_dir, overwrite=True)
+    model_dir = local_model_dir(settings, store, ref)
     ray.ensure()
     result = run_on_ray(
         _evaluate, str(model_dir), problems, modes, eval_kwargs, profile_prompt(profile), ray.training_cpus(),

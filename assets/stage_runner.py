@@ -19,6 +19,7 @@ Where it runs depends on the Ray resource:
   is part of the run key.
 """
 
+import hashlib
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -56,9 +57,17 @@ def problems_of(df: pd.DataFrame) -> list[Problem]:
     return [Problem(str(r.id), str(r.question), str(r.answer), str(r.source)) for r in df.itertuples()]
 
 
+def checkpoint_cache_dir(home: Path, ref: Mapping[str, Any]) -> Path:
+    """Where the local copy of the checkpoint ``ref`` lives: named by its partition AND its URI, since a
+    re-trained stage publishes the same partition name (``npr_beta-000400``) under a new run key; a
+    cache keyed by the partition alone would hand evaluation the old weights."""
+    digest = hashlib.sha256(str(ref["uri"]).encode()).hexdigest()[:12]
+    return home / "cache" / "checkpoints" / f"{ref['partition']}-{digest}"
+
+
 def local_model_dir(settings: PipelineSettings, storage: Storage, ref: Mapping[str, Any]) -> Path:
     """A verified local copy of a published checkpoint (fetched once, reused after)."""
-    path = settings.home_dir() / "cache" / "checkpoints" / ref["partition"]
+    path = checkpoint_cache_dir(settings.home_dir(), ref)
     if not (path / "MANIFEST.json").exists():
         storage.fetch_dir(ref["uri"], path, overwrite=True)
     return path

@@ -13,6 +13,7 @@ import pytest
 import assets.evaluation as evaluation
 from npr_pipelines.eval.runner import SampleRecord, mode_summary
 from npr_pipelines.storage import Storage
+from assets.stage_runner import checkpoint_cache_dir
 from npr_pipelines.storage.checkpoints import checkpoint_ref, record_checkpoint
 from npr_pipelines.toy.profiles import SMALL
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource
@@ -25,7 +26,8 @@ def fake_run_on_ray(calls: list):
     def run(
         fn, model_dir, problems, modes, eval_kwargs, prompt, threads, workdir, latency_problems, num_cpus
     ):
-        calls.append({"modes": modes, "workdir": workdir, "latency_problems": latency_problems})
+        calls.append({"modes": modes, "workdir": workdir, "latency_problems": latency_problems,
+                      "model_dir": model_dir})  # fmt: skip
         out = {}
         for mode in modes:
             tokens, wall, lat = CANNED[mode]
@@ -51,15 +53,19 @@ def env(tmp_path: Path, monkeypatch):
     return tmp_path, store, mlflow, calls, instance
 
 
-def _checkpoint(tmp_path: Path, store: Storage, mlflow: MlflowResource, stage: str, step: int) -> dict:
+def _checkpoint(
+    tmp_path: Path, store: Storage, mlflow: MlflowResource, stage: str, step: int, training_run: str = "r1"
+) -> dict:
     key = "base" if stage == "base" else f"{stage}-{step:06d}"
-    uri = store.uri("checkpoints", stage, key)
-    with mlflow.tracker().stage_run(stage=stage, run_key=f"k-{key}") as run:
+    uri = store.uri("checkpoints", stage, training_run, key)
+    with mlflow.tracker().stage_run(stage=stage, run_key=f"k-{training_run}-{key}") as run:
         run.register_checkpoint(f"npr-{stage}", uri, alias="final")
-    ref = checkpoint_ref(stage=stage, step=step, uri=uri, data_version=f"v-{key}", run_id=run.run_id)
+    ref = checkpoint_ref(stage=stage, step=step, uri=uri, data_version=f"v-{training_run}-{key}",
+                         run_id=run.run_id)  # fmt: skip
     record_checkpoint(store, ref)
-    (tmp_path / "cache" / "checkpoints" / key).mkdir(parents=True)
-    (tmp_path / "cache" / "checkpoints" / key / "MANIFEST.json").write_text("{}")  # "already fetched"
+    cached = checkpoint_cache_dir(tmp_path, ref)
+    cached.mkdir(parents=True)
+    (cached / "MANIFEST.json").write_text("{}")  # "already fetched"
     return ref
 
 
@@ -121,3 +127,17 @@ def test_two_mode_checkpoint_gets_speedups_report_and_metrics(env) -> None:
     )
     [version] = client.search_model_versions("name = 'npr-npr'")
     assert float(version.tags["eval/toy_test/throughput_speedup"]) == pytest.approx(3.0)
+
+
+def test_retrained_checkpoint_is_evaluated_from_its_own_copy_not_the_cached_old_one(env) -> None:
+    """Re-training a stage publishes the same partition name (``npr-000002``) under a new URI: the local
+    copy evaluation reads must be the new checkpoint's, and the old copy stays where it was."""
+    tmp_path, store, mlflow, calls, _ = env
+    old = _checkpoint(tmp_path, store, mlflow, "npr", 2, training_run="r1")
+    _materialize(env, "npr-000002")
+    new = _checkpoint(tmp_path, store, mlflow, "npr", 2, training_run="r2")
+    _materialize(env, "npr-000002")
+    first, second = (Path(c["model_dir"]) for c in calls[-2:])
+    assert first == checkpoint_cache_dir(tmp_path, old) and second == checkpoint_cache_dir(tmp_path, new)
+    assert first != second and first.parent == second.parent == tmp_path / "cache" / "checkpoints"
+    assert Path(calls[-2]["workdir"]) != Path(calls[-1]["workdir"])  # a new data version: a new evaluation

@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 
 import assets.evaluation as evaluation
+from assets.stage_runner import checkpoint_cache_dir
 from npr_pipelines.eval.runner import SampleRecord, mode_summary
 from npr_pipelines.storage import Storage
-from assets.stage_runner import checkpoint_cache_dir
 from npr_pipelines.storage.checkpoints import checkpoint_ref, record_checkpoint
 from npr_pipelines.toy.profiles import SMALL
 from resources import MlflowResource, PipelineSettings, RayResource, StorageResource

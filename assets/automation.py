@@ -73,35 +73,56 @@ def train_problems_changed(context: dg.SensorEvaluationContext) -> dg.SensorResu
 
 
 def new_checkpoint_requests(
-    known: set[str], published: list[str], benchmarks: list[str]
+    known: dict[str, str], published: dict[str, str], benchmarks: list[str]
 ) -> tuple[list[str], list]:
-    """The checkpoints not seen yet and one evaluation request per (checkpoint, benchmark)."""
-    new = sorted(set(published) - known)
+    """The checkpoints not seen yet, or re-published under a new data version (a re-trained stage keeps
+    its partition names), and one evaluation request per (checkpoint, benchmark), keyed by the version.
+
+    ``known`` and ``published`` map partition -> checkpoint data version."""
+    changed = sorted(name for name, version in published.items() if known.get(name) != version)
     requests = [
         dg.RunRequest(
-            run_key=f"eval-{ckpt}-{bench}",
+            run_key=f"eval-{ckpt}-{bench}-{published[ckpt]}",
             partition_key=dg.MultiPartitionKey({"checkpoint": ckpt, "benchmark": bench}),
         )
-        for ckpt in new
+        for ckpt in changed
         for bench in benchmarks
     ]
-    return new, requests
+    return changed, requests
+
+
+def _known_checkpoints(cursor: str | None, published: dict[str, str]) -> dict[str, str]:
+    """The cursor as partition -> data version. A cursor of the earlier shape (a list of names) adopts
+    the published versions of those names, rather than re-evaluating every checkpoint once."""
+    if not cursor:
+        return {}
+    loaded = json.loads(cursor)
+    if isinstance(loaded, list):
+        return {name: published.get(name, "") for name in loaded}
+    return dict(loaded)
 
 
 @dg.sensor(job=EVAL_JOB, minimum_interval_seconds=30, default_status=dg.DefaultSensorStatus.RUNNING)
 def checkpoint_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
-    """Register every newly published checkpoint as a partition and request its evaluation."""
+    """Register every newly published checkpoint as a partition and request its evaluation; a
+    checkpoint re-published under the same partition name with a new data version is evaluated again."""
     storage = _storage()
     index = "checkpoints/index"
-    published = [p.rsplit("/", 1)[-1].removesuffix(".json") for p in storage.ls(index)] if storage.exists(
-        index
-    ) else []  # fmt: skip
-    known = set(json.loads(context.cursor)) if context.cursor else set()
-    new, requests = new_checkpoint_requests(known, published, profile_benchmarks())
-    if not new:
+    paths = storage.ls(index) if storage.exists(index) else []
+    published = {}
+    for path in paths:
+        file = path.rsplit("/", 1)[-1]
+        if file.startswith(".") or not file.endswith(".json"):  # staging files of an atomic write
+            continue
+        name = file.removesuffix(".json")
+        published[name] = str(storage.read_json(f"{index}/{name}.json").get("data_version", ""))
+    known = _known_checkpoints(context.cursor, published)
+    changed, requests = new_checkpoint_requests(known, published, profile_benchmarks())
+    if not changed:
         return dg.SkipReason(f"no new checkpoints ({len(known)} known)")
+    new = [name for name in changed if name not in known]
     return dg.SensorResult(
         run_requests=requests,
-        dynamic_partitions_requests=[CHECKPOINTS.build_add_request(new)],
-        cursor=json.dumps(sorted(known | set(new))),
+        dynamic_partitions_requests=[CHECKPOINTS.build_add_request(new)] if new else [],
+        cursor=json.dumps({**known, **{name: published[name] for name in changed}}, sort_keys=True),
     )

@@ -18,10 +18,10 @@ def home(tmp_path, monkeypatch):
     return tmp_path
 
 
-def _publish_index(home, key: str) -> None:
+def _publish_index(home, key: str, version: str = "v1") -> None:
     stage, _, step = key.rpartition("-")
-    ref = checkpoint_ref(stage=stage or key, step=int(step) if step.isdigit() else 0, uri=f"/x/{key}",
-                         data_version="v", run_id=None, partition=key)  # fmt: skip
+    ref = checkpoint_ref(stage=stage or key, step=int(step) if step.isdigit() else 0, uri=f"/x/{version}/{key}",
+                         data_version=version, run_id=None, partition=key)  # fmt: skip
     record_checkpoint(Storage(str(home / "artifacts")), ref)
 
 
@@ -42,7 +42,30 @@ def test_checkpoint_sensor_registers_new_checkpoints_once(home) -> None:
     _publish_index(home, "npr_zero-000020")
     third = checkpoint_sensor(dg.build_sensor_context(instance=instance, cursor=result.cursor))
     assert third.dynamic_partitions_requests[0].partition_keys == ["npr_zero-000020"]
-    assert json.loads(third.cursor) == ["base", "npr_zero-000010", "npr_zero-000020"]
+    assert json.loads(third.cursor) == {"base": "v1", "npr_zero-000010": "v1", "npr_zero-000020": "v1"}
+    assert isinstance(
+        checkpoint_sensor(dg.build_sensor_context(instance=instance, cursor=third.cursor)), dg.SkipReason
+    )
+
+
+def test_checkpoint_sensor_re_evaluates_a_re_published_checkpoint(home) -> None:
+    """A re-trained stage publishes the same partition names with a new data version: evaluated again
+    (new run keys), no partition added twice; a cursor of the earlier shape (names) is adopted."""
+    instance = dg.DagsterInstance.ephemeral()
+    _publish_index(home, "npr_beta-000400")
+    first = checkpoint_sensor(dg.build_sensor_context(instance=instance))
+    _publish_index(home, "npr_beta-000400", version="v2")
+    again = checkpoint_sensor(dg.build_sensor_context(instance=instance, cursor=first.cursor))
+    assert not again.dynamic_partitions_requests and again.run_requests
+    assert {r.partition_key.keys_by_dimension["checkpoint"] for r in again.run_requests} == {
+        "npr_beta-000400"
+    }
+    assert not {r.run_key for r in again.run_requests} & {r.run_key for r in first.run_requests}
+    assert json.loads(again.cursor) == {"npr_beta-000400": "v2"}
+    old_shape = checkpoint_sensor(
+        dg.build_sensor_context(instance=instance, cursor=json.dumps(["npr_beta-000400"]))
+    )
+    assert isinstance(old_shape, dg.SkipReason)
 
 
 def test_retrain_sensor_fires_only_when_the_source_changes(home, tmp_path, monkeypatch) -> None:

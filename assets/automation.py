@@ -1,6 +1,7 @@
 """Automation: a re-training schedule (off by default), a sensor that re-trains when the training
-problems' source changes version, and a sensor that turns newly published checkpoints into
-``benchmark_scores`` partitions and requests their evaluation (cursor-based, idempotent)."""
+problems' source changes version, a sensor that turns newly published checkpoints into
+``benchmark_scores`` partitions and requests their evaluation (cursor-based, idempotent), and run
+status sensors that close a Dagster run's MLflow parent run when the Dagster run ends."""
 
 import hashlib
 import json
@@ -10,8 +11,9 @@ import dagster as dg
 
 from assets.common import CHECKPOINTS
 from assets.data import BENCHMARKS
-from assets.jobs import EVAL_JOB, MAIN_JOB
+from assets.jobs import EVAL_JOB, MAIN_JOB, MLFLOW_STATUS
 from npr_pipelines.storage import Storage
+from resources import MlflowResource
 
 retrain_schedule = dg.ScheduleDefinition(
     name="weekly_retrain",
@@ -126,3 +128,22 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
         dynamic_partitions_requests=[CHECKPOINTS.build_add_request(new)] if new else [],
         cursor=json.dumps({**known, **{name: published[name] for name in changed}}, sort_keys=True),
     )
+
+
+def _mlflow_parent_closer(run_status: dg.DagsterRunStatus) -> dg.RunStatusSensorDefinition:
+    """A sensor closing the MLflow run that stands for a Dagster run (``Tracker.parent_run``, which the
+    stage runs nest under) when the Dagster run ends, so MLflow does not show it RUNNING forever."""
+
+    @dg.run_status_sensor(
+        run_status=run_status,
+        name=f"close_mlflow_parent_on_{run_status.value.lower()}",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+    )
+    def close_parent(context: dg.RunStatusSensorContext, mlflow: MlflowResource) -> None:
+        mlflow.tracker().close_parent(context.dagster_run.run_id, MLFLOW_STATUS[run_status])
+
+    return close_parent
+
+
+mlflow_parent_closers = [_mlflow_parent_closer(status) for status in MLFLOW_STATUS]

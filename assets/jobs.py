@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from assets.common import COMPUTE_SECONDS
 from assets.data import TOY_BENCHMARK
 from npr_pipelines.eval.report import report_markdown
 from npr_pipelines.storage import Storage
+from npr_pipelines.tracking import Tracker
 
 MAIN_JOB = dg.define_asset_job("main", selection=dg.AssetSelection.assets(*STAGE_ASSETS))
 EVAL_JOB = dg.define_asset_job("evaluate", selection=dg.AssetSelection.assets(benchmark_scores))
@@ -100,6 +102,27 @@ def recover_interrupted_runs(instance: dg.DagsterInstance) -> list[str]:
     return [run.run_id for run in runs]
 
 
+#: A finished Dagster run's status -> the status its MLflow parent run is closed with.
+MLFLOW_STATUS = {
+    dg.DagsterRunStatus.SUCCESS: "FINISHED",
+    dg.DagsterRunStatus.FAILURE: "FAILED",
+    dg.DagsterRunStatus.CANCELED: "KILLED",
+}
+
+
+def close_mlflow_parents(instance: dg.DagsterInstance, tracker: Tracker, since: float) -> int:
+    """Close the MLflow parent runs (``Tracker.parent_run``) of this launcher's Dagster runs created
+    after ``since`` (a timestamp) that have ended; returns how many Dagster runs were looked at. (Runs the
+    daemon launches are closed by the ``close_mlflow_parent_on_*`` sensors instead.)"""
+    ended = dg.RunsFilter(
+        tags=RUN_TAGS, statuses=list(MLFLOW_STATUS), created_after=datetime.fromtimestamp(since, UTC)
+    )
+    runs = instance.get_runs(ended)
+    for run in runs:
+        tracker.close_parent(run.run_id, MLFLOW_STATUS[run.status])
+    return len(runs)
+
+
 def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log=print) -> dict[str, Any]:
     """Materialize the graph, evaluate every stage's final checkpoint, write ``home/summary.json`` and
     ``home/report.md`` (the tables of every stage), and print the report.
@@ -107,10 +130,17 @@ def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log
     A run after a crash resumes: stages find their working directories by run key, and the runs the
     crashed process left unfinished are failed first (`recover_interrupted_runs`)."""
     with home_lock(home):
+        started = time.time()
         recovered = recover_interrupted_runs(instance)
         if recovered:
             log(f"recovered {len(recovered)} interrupted run(s): {', '.join(recovered)}")
-        return _run_main(defs, instance, home, log)
+        tracker = defs.resources["mlflow"].tracker()
+        try:
+            return _run_main(defs, instance, home, log)
+        finally:  # also on failure: MLflow then shows FAILED, not RUNNING forever
+            for run_id in recovered:
+                tracker.close_parent(run_id, "FAILED")
+            close_mlflow_parents(instance, tracker, since=started)
 
 
 def _run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log) -> dict[str, Any]:

@@ -18,7 +18,12 @@ import os
 import dagster as dg
 
 from assets import ALL_ASSETS, CHECKPOINT_ASSETS
-from assets.automation import checkpoint_sensor, retrain_schedule, train_problems_changed
+from assets.automation import (
+    checkpoint_sensor,
+    mlflow_parent_closers,
+    retrain_schedule,
+    train_problems_changed,
+)
 from assets.checks import checkpoint_checks
 from assets.io_manager import NprIOManager
 from assets.jobs import EVAL_JOB, MAIN_JOB
@@ -33,7 +38,7 @@ def build_definitions(profile: str | None = None, *, ray: RayResource | None = N
         asset_checks=[*checkpoint_checks(CHECKPOINT_ASSETS), corpus_recheck],
         jobs=[MAIN_JOB, EVAL_JOB],
         schedules=[retrain_schedule],
-        sensors=[checkpoint_sensor, train_problems_changed],
+        sensors=[checkpoint_sensor, train_problems_changed, *mlflow_parent_closers],
         resources={
             "settings": PipelineSettings(
                 profile=profile or os.environ.get("NPR_PROFILE", "default"),

@@ -7,9 +7,15 @@ import json
 import dagster as dg
 import pytest
 
-from assets.automation import checkpoint_sensor, retrain_schedule, train_problems_changed
+from assets.automation import (
+    checkpoint_sensor,
+    mlflow_parent_closers,
+    retrain_schedule,
+    train_problems_changed,
+)
 from assets.common import checkpoint_ref, record_checkpoint
 from npr_pipelines.storage import Storage
+from resources import MlflowResource
 
 
 @pytest.fixture
@@ -84,3 +90,37 @@ def test_retrain_sensor_fires_only_when_the_source_changes(home, tmp_path, monke
 def test_retrain_schedule_is_off_by_default() -> None:
     assert retrain_schedule.default_status == dg.DefaultScheduleStatus.STOPPED
     assert retrain_schedule.job_name == "main"
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_mlflow_parent_run_is_closed_when_its_dagster_run_ends(tmp_path, fails: bool) -> None:
+    @dg.op
+    def work() -> None:
+        if fails:
+            raise RuntimeError("boom")
+
+    @dg.job
+    def tiny() -> None:
+        work()
+
+    instance = dg.DagsterInstance.ephemeral()
+    result = tiny.execute_in_process(instance=instance, raise_on_error=False)
+    mlflow = MlflowResource(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", ui_url="")
+    tracker = mlflow.tracker()
+    parent = tracker.parent_run(result.run_id, "tiny")
+    assert tracker.client.get_run(parent).info.status == "RUNNING"
+    status = dg.DagsterRunStatus.FAILURE if fails else dg.DagsterRunStatus.SUCCESS
+    event = next(
+        e
+        for e in result.all_events
+        if e.event_type_value == ("PIPELINE_FAILURE" if fails else "PIPELINE_SUCCESS")
+    )
+    [sensor] = [
+        s for s in mlflow_parent_closers if s.name == f"close_mlflow_parent_on_{status.value.lower()}"
+    ]
+    context = dg.build_run_status_sensor_context(
+        sensor_name=sensor.name, dagster_event=event, dagster_instance=instance,
+        dagster_run=result.dagster_run, resources={"mlflow": mlflow},
+    )  # fmt: skip
+    sensor(context)
+    assert tracker.client.get_run(parent).info.status == ("FAILED" if fails else "FINISHED")

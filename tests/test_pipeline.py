@@ -128,6 +128,7 @@ def test_mlflow_lineage_from_npr_down_to_base_matches_dagster_data_versions(
     import dagster as dg
     import mlflow
 
+    from assets.jobs import RUN_TAGS
     from npr_pipelines.storage import Storage
     from npr_pipelines.storage.checkpoints import manifest_version
     from npr_pipelines.tracking import TAG_DAGSTER_ASSET, TAG_DAGSTER_RUN, TAG_STAGE, TAG_UPSTREAM, Tracker
@@ -171,6 +172,12 @@ def test_mlflow_lineage_from_npr_down_to_base_matches_dagster_data_versions(
         run_id = upstream[0] if upstream else ""
     assert chain == ["npr", "npr_beta", "base"]
     assert tracker.upstream_chain(start.metadata["mlflow_run_id"].value) == chain
+    # the MLflow runs standing for `npr run`'s Dagster runs (the stage runs' parents) ended with them
+    launched = {r.run_id for r in small_pipeline.instance.get_runs(dg.RunsFilter(tags=RUN_TAGS))}
+    parents = client.search_runs([tracker.experiment_id()], filter_string="tags.`npr.kind` = 'dagster_run'")
+    parents = {p.info.run_id: p.info.status for p in parents if p.data.tags[TAG_DAGSTER_RUN] in launched}
+    assert parents and set(parents.values()) == {"FINISHED"}
+    assert client.get_run(start.metadata["mlflow_run_id"].value).data.tags["mlflow.parentRunId"] in parents
 
 
 # -- backfill through the daemon ---------------------------------------------------------------------

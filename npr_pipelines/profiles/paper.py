@@ -132,60 +132,24 @@ def _rl_common() -> dict[str, Any]:
 
 
 def _npr_zero() -> RLConfig:
-    """Stage 1 (§2.1-2.3): DAPO with clip-higher, dynamic sampling without a cap, V1-gated reward."""
+    """Stage 1 (§2.1-2.3): ``npr_zero_config``'s paper defaults (DAPO with clip-higher 0.2 / 0.28 and
+    dual-clip 10, GRPO advantage, V1-gated reward, 32 prompts x 16, lr 1e-6 cosine with 10 warmup steps,
+    dynamic sampling without a cap, one prompt per optimiser step, overlong buffer 10) on the GPU."""
     return npr_zero_config(
         **_rl_common(),
-        loss="dapo",
-        advantage="grpo",
-        reward="format_gated_accuracy",
-        loss_agg="token-mean",
-        mode="sequential",
-        prompts_per_step=32,
-        group_size=16,
-        steps=90,
-        lr=1e-6,
-        lr_schedule="cosine",
-        warmup_steps=10,
-        min_lr_ratio=1e-8,
-        mini_batches_per_step=32,  # one prompt (16 trajectories) per optimiser step
-        clip_ratio_low=0.2,
-        clip_ratio_high=0.28,
-        clip_ratio_c=10.0,
-        dynamic_sampling=True,
-        max_gen_batches=0,  # max_num_gen_batches=0: no cap
-        overlong_buffer=10,
-        overlong_penalty_factor=1.0,
-        drop_structural_failures=False,
         save_every=10,  # the release validates every 10 steps (§2.2); a checkpoint each time
         prompt=STAGE1_PROMPT,
     )
 
 
 def _papo() -> RLConfig:
-    """Stage 3 (§4.2-4.8): parallel rollouts, structural filter, group mean / batch std advantage,
-    ratio-free loss, lr 1e-7 constant, 16 prompts x 16, one prompt-worth per optimiser step."""
+    """Stage 3 (§4.2-4.8): ``papo_config``'s paper defaults (parallel rollouts, structural failures
+    dropped, group mean / batch std advantage, ratio-free loss, lr 1e-7 constant, 16 prompts x 16, one
+    prompt-worth per optimiser step, repetition penalty 1.02 in branches) on the GPU."""
     return papo_config(
         **_rl_common(),
-        loss="papo",
-        advantage="papo",
-        reward="accuracy",
-        loss_agg="token-mean",
-        mode="parallel",
-        prompts_per_step=16,
-        group_size=16,
-        steps=30,
-        lr=1e-7,
-        lr_schedule="constant",
-        warmup_steps=0,
-        mini_batches_per_step=16,
-        clip_ratio_low=0.2,  # §4.6: passed to the loss in the release but inert (ratio = 1); logged only
-        clip_ratio_high=0.2,
-        clip_ratio_c=10.0,
         max_total_tokens=30_000,  # flattened length limit of a rollout (V4, §1.4)
-        branch_repetition_penalty=1.02,
-        dynamic_sampling=False,
-        overlong_buffer=0,
-        drop_structural_failures=True,
+        clip_ratio_high=0.2,  # §4.6: passed to the loss in the release but inert (ratio = 1); logged only
         save_every=5,  # validation / checkpoint every 5 steps (§4.8)
         prompt=PROMPT,
     )

@@ -29,7 +29,7 @@ from npr_pipelines.engine.kv_cache import BlockPool, KVTable, OutOfBlocks, check
 from npr_pipelines.engine.model import PagedQwen3, Row
 from npr_pipelines.engine.sampling import SampleRow, sample
 from npr_pipelines.engine.types import EngineOutput, FinishReason, Request, TokenCodec
-from npr_pipelines.structure import TagVocab, parse_tokens
+from npr_pipelines.structure import TagVocab
 
 
 @dataclass(frozen=True)
@@ -392,31 +392,13 @@ class Engine:
         self._done.append(self._output(a))
 
     def _output(self, a: _Active) -> EngineOutput:
-        flow = a.flow
-        assert flow.finish is not None
-        ids, pos, lps, ins = flow.flattened()
-        segments, forks = flow.record()
-        prompt = list(a.request.prompt_ids)
-        table = None
-        if self.tags is not None:
-            table = parse_tokens(ids, self.tags, self.codec.decode, offset=len(prompt))
         now = time.perf_counter()
-        return EngineOutput(
-            request_id=a.request.request_id,
-            mode=a.request.params.mode,
-            prompt_ids=prompt,
-            response_ids=ids,
-            positions=pos,
-            logprobs=lps,
-            inserted=ins,
-            finish_reason=flow.finish,
-            finish_detail=flow.finish_detail,
-            forks=forks,
-            segments=segments,
+        return a.flow.output(
+            self.tags,
+            self.codec,
             prefill_tokens=a.prefill,
             decode_tokens=a.decode,
             time_to_first_token_s=None if a.first_token is None else a.first_token - a.arrival,
             latency_s=now - a.arrival,
             preemptions=a.preemptions,
-            span_table=table,
         )

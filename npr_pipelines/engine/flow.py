@@ -22,9 +22,11 @@ import hashlib
 import itertools
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from npr_pipelines.engine.types import (
     BranchRecord,
+    EngineOutput,
     FinishReason,
     ForkRecord,
     Request,
@@ -37,6 +39,7 @@ from npr_pipelines.structure import (
     branch_start_position,
     join_position,
     lex_tokens,
+    parse_tokens,
     split_number,
     step_header_ids,
 )
@@ -390,3 +393,37 @@ class RequestFlow:
                 )
             )
         return segments, forks
+
+    def output(
+        self,
+        tags: TagVocab | None,
+        codec: TokenCodec,
+        *,
+        prefill_tokens: int,
+        decode_tokens: int,
+        **extra: Any,
+    ) -> EngineOutput:
+        """The finished request as an ``EngineOutput``: the flattened response, the layout record and,
+        with tag tokens, the span table; ``extra`` holds the backend's own fields (timings, metadata)."""
+        assert self.finish is not None
+        ids, pos, lps, ins = self.flattened()
+        segments, forks = self.record()
+        prompt = list(self.request.prompt_ids)
+        table = None if tags is None else parse_tokens(ids, tags, codec.decode, offset=len(prompt))
+        return EngineOutput(
+            request_id=self.request.request_id,
+            mode=self.params.mode,
+            prompt_ids=prompt,
+            response_ids=ids,
+            positions=pos,
+            logprobs=lps,
+            inserted=ins,
+            finish_reason=self.finish,
+            finish_detail=self.finish_detail,
+            forks=forks,
+            segments=segments,
+            prefill_tokens=prefill_tokens,
+            decode_tokens=decode_tokens,
+            span_table=table,
+            **extra,
+        )

@@ -43,7 +43,7 @@ from typing import Any
 
 from npr_pipelines.engine.flow import Event, RequestFlow, Stream, StreamKind, stream_seed
 from npr_pipelines.engine.types import EngineOutput, FinishReason, Request, TokenCodec
-from npr_pipelines.structure import Tag, TagVocab, parse_tokens
+from npr_pipelines.structure import Tag, TagVocab
 
 #: ``metadata["approximation"]`` of a trace sampled after a re-prefilled join.
 REPREFILL_JOIN = "join re-prefilled as flattened text: sequential positions and sibling-visible attention"
@@ -387,14 +387,7 @@ class SGLangBackend:
 
     # ----------------------------------------------------------------- the record
     def _output(self, flow: RequestFlow, progress: _Progress, latency: float) -> EngineOutput:
-        """The engine's record of ``flow`` (``Engine._output``'s fields), plus where it came from."""
-        assert flow.finish is not None
-        ids, pos, lps, ins = flow.flattened()
-        segments, forks = flow.record()
-        prompt = list(flow.request.prompt_ids)
-        table = None
-        if self.tags is not None:
-            table = parse_tokens(ids, self.tags, self.codec.decode, offset=len(prompt))
+        """The engine's record of ``flow`` (``RequestFlow.output``), plus where it came from."""
         metadata: dict[str, Any] = {
             "backend": "sglang",
             "server": progress.server.url,
@@ -404,23 +397,13 @@ class SGLangBackend:
         if progress.approximate_calls:
             metadata["approximation"] = REPREFILL_JOIN
             metadata["approximate_calls"] = progress.approximate_calls
-        return EngineOutput(
-            request_id=flow.request.request_id,
-            mode=flow.params.mode,
-            prompt_ids=prompt,
-            response_ids=ids,
-            positions=pos,
-            logprobs=lps,
-            inserted=ins,
-            finish_reason=flow.finish,
-            finish_detail=flow.finish_detail,
-            forks=forks,
-            segments=segments,
+        return flow.output(
+            self.tags,
+            self.codec,
             prefill_tokens=progress.prefill,
             decode_tokens=progress.decode,
             time_to_first_token_s=None,  # not observable without streaming
             latency_s=latency,
-            span_table=table,
             metadata=metadata,
         )
 

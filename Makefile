@@ -44,7 +44,7 @@ bench: $(STAMP)
 
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=20
 
 test-fast: $(STAMP) chromium
 	$(PY) -m pytest -q -m "not slow"

@@ -21,7 +21,10 @@ import pytest
 from npr_pipelines.reliability.crash import (
     STAGE_KIND,
     Attempt,
+    Kill,
     KillPlan,
+    Round,
+    SweepReport,
     Window,
     job_processes,
     logged_steps,
@@ -106,6 +109,21 @@ print("phase 1: materializing the stage assets", flush=True)
 print("x - npr_zero: run key 0123abcd, workdir w", flush=True)
 time.sleep(60)
 """
+
+
+def test_a_sweep_is_ok_when_each_wanted_stage_got_its_kills_and_every_round_is_clean() -> None:
+    window = Window(1.0, 0.5)
+    kills = [
+        Kill(0, i, stage, 0.1, "no checkpoint yet") for i, stage in enumerate(["npr_beta", "npr_beta", "npr"])
+    ]
+    report = SweepReport(
+        "small", 0, 2, 10.0, {"npr_beta": window, "npr": window}, [Round("h", kills, 4, True)]
+    )
+    assert not report.ok()  # npr got one kill of two (the stages not wanted do not count)
+    report.rounds[0].kills.append(Kill(0, 3, "npr", 0.2, "checkpoints at steps [1]"))
+    assert report.ok()
+    report.rounds[0].digest_mismatches.append("npr")
+    assert not report.ok()
 
 
 @pytest.mark.parametrize(

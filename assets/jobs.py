@@ -138,9 +138,12 @@ def run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log
         try:
             return _run_main(defs, instance, home, log)
         finally:  # also on failure: MLflow then shows FAILED, not RUNNING forever
-            for run_id in recovered:
-                tracker.close_parent(run_id, "FAILED")
-            close_mlflow_parents(instance, tracker, since=started)
+            try:
+                for run_id in recovered:
+                    tracker.close_parent(run_id, "FAILED")
+                close_mlflow_parents(instance, tracker, since=started)
+            except Exception as exc:  # never hide the run's own outcome behind a tracking error
+                log(f"could not close the MLflow runs of this launch: {exc!r}")
 
 
 def _run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, log) -> dict[str, Any]:

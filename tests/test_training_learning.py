@@ -11,9 +11,10 @@ protocol (the paper's T = 1.0, top-p 0.7). Every figure is printed (run with ``-
 - NPR-Beta: ``format_valid_rate`` >= 0.95 in parallel mode and >= 0.9 in sequential mode.
 - NPR: the final PAPO checkpoint (fixed in advance) against NPR-Beta, n = 4 samples per problem in
   parallel mode: trigger rate >= 0.99 and the format kept. The accuracy gain and its paired-bootstrap 95%
-  interval are printed next to a matched control (NPR-Beta trained further by SFT on its corpus for
-  PAPO's wall time), not asserted: on this model the gain is within noise at every budget tried (the
-  ``default`` profile's notes list them), so issue #7's "+0.05, interval above 0" is not met.
+  interval are printed, not asserted: on this model the gain is within noise at every budget tried (the
+  ``default`` profile's notes list them), so issue #7's "+0.05, interval above 0" is not met. With
+  ``NPR_LEARNING_CONTROL=1`` a matched control (NPR-Beta trained further by SFT on its corpus for PAPO's
+  wall time) is printed next to it; off by default, to keep the suite within its time budget.
 """
 
 from __future__ import annotations
@@ -188,18 +189,19 @@ def test_papo_improves_on_npr_beta(npr_beta, corpus, cfgs, splits, chain_dir) ->
     t0 = time.perf_counter()
     result = run_papo(npr_beta["dir"], splits["train"], chain_dir / "papo", cfgs["npr"])
     papo_wall = time.perf_counter() - t0
-    control_dir, control_steps = continue_sft_for(
-        npr_beta["dir"], corpus["rows"], cfgs["npr_beta"], chain_dir / "control", papo_wall
-    )
     beta_records, beta = evaluate_dir(npr_beta["dir"], splits["test"], "parallel", n=4)
     npr_records, npr = evaluate_dir(result.final_dir, splits["test"], "parallel", n=4)  # the final step
-    control_records, control = evaluate_dir(control_dir, splits["test"], "parallel", n=4)
     gain = paired_bootstrap(*paired_means(beta_records, npr_records), n=5000)
-    control_gain = paired_bootstrap(*paired_means(beta_records, control_records), n=5000)
     print(f"\nNPR-Beta: {figures(beta)}\nNPR ({cfgs['npr'].steps} PAPO steps, {papo_wall:.0f} s): {figures(npr)}"
-          f"\n  gain {gain.diff:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}]"
-          f"\ncontrol ({control_steps} more SFT steps, same wall time): {figures(control)}"
-          f"\n  gain {control_gain.diff:+.3f} [{control_gain.low:+.3f}, {control_gain.high:+.3f}]")  # fmt: skip
+          f"\n  gain {gain.diff:+.3f} [{gain.low:+.3f}, {gain.high:+.3f}]")  # fmt: skip
+    if os.environ.get("NPR_LEARNING_CONTROL") == "1":
+        control_dir, control_steps = continue_sft_for(
+            npr_beta["dir"], corpus["rows"], cfgs["npr_beta"], chain_dir / "control", papo_wall
+        )
+        control_records, control = evaluate_dir(control_dir, splits["test"], "parallel", n=4)
+        control_gain = paired_bootstrap(*paired_means(beta_records, control_records), n=5000)
+        print(f"control ({control_steps} more SFT steps, same wall time): {figures(control)}"
+              f"\n  gain {control_gain.diff:+.3f} [{control_gain.low:+.3f}, {control_gain.high:+.3f}]")  # fmt: skip
     # RL does not break the format (measured: trigger 1.0 / 0.999, validity 0.90 / 0.995 in two runs)
     assert npr["trigger_rate"] >= 0.99
     assert npr["format_valid_rate"] >= 0.85

@@ -13,6 +13,7 @@ from assets.common import CHECKPOINTS
 from assets.data import BENCHMARKS
 from assets.jobs import EVAL_JOB, MAIN_JOB, MLFLOW_STATUS
 from npr_pipelines.storage import Storage
+from npr_pipelines.storage.checkpoints import INDEX_PREFIX, read_checkpoint
 from resources import MlflowResource
 
 retrain_schedule = dg.ScheduleDefinition(
@@ -109,15 +110,14 @@ def checkpoint_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | 
     """Register every newly published checkpoint as a partition and request its evaluation; a
     checkpoint re-published under the same partition name with a new data version is evaluated again."""
     storage = _storage()
-    index = "checkpoints/index"
-    paths = storage.ls(index) if storage.exists(index) else []
+    paths = storage.ls(INDEX_PREFIX) if storage.exists(INDEX_PREFIX) else []
     published = {}
     for path in paths:
         file = path.rsplit("/", 1)[-1]
         if file.startswith(".") or not file.endswith(".json"):  # staging files of an atomic write
             continue
         name = file.removesuffix(".json")
-        published[name] = str(storage.read_json(f"{index}/{name}.json").get("data_version", ""))
+        published[name] = str(read_checkpoint(storage, name).get("data_version", ""))
     known = _known_checkpoints(context.cursor, published)
     changed, requests = new_checkpoint_requests(known, published, profile_benchmarks())
     if not changed:

@@ -104,13 +104,9 @@ def _evaluate(model_dir: str, problems: list[dict], modes: tuple[str, ...], eval
 def _engine_pool(model, tokenizer, config, pool: dict):
     """Engine replicas over ``model`` (both modes: the mode is per request)."""
     from npr_pipelines.compute.engine_pool import EnginePool
-    from npr_pipelines.engine import EngineConfig, TokenCodec
-    from npr_pipelines.structure import TagVocab
-    from npr_pipelines.tokenization import has_tag_tokens
+    from npr_pipelines.eval.runner import engine_parts
 
-    tags = TagVocab.from_tokenizer(tokenizer) if has_tag_tokens(tokenizer) else None
-    engine_config = EngineConfig(num_blocks=config.num_blocks, block_size=config.block_size)
-    return EnginePool(model, TokenCodec.from_tokenizer(tokenizer), tags, engine_config, **pool)
+    return EnginePool(model, *engine_parts(tokenizer, config), **pool)
 
 
 def _pool_kwargs(compute: dict | None) -> dict | None:
@@ -214,7 +210,7 @@ def benchmark_scores(
     ray.ensure()
     result = run_on_ray(
         _evaluate, str(model_dir), problems, modes, eval_kwargs, profile_prompt(profile), ray.training_cpus(),
-        str(workdir), latency_problems, num_cpus=ray.training_cpus(), **({"pool": pool} if pool else {}),
+        str(workdir), latency_problems, pool, num_cpus=ray.training_cpus(),
     )  # fmt: skip
     reused = {m: result[m]["reused_chunks"] for m in modes}
     if any(reused.values()):

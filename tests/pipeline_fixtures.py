@@ -168,6 +168,21 @@ def toy_cache_dir_of(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return Path(override) if override else tmp_path_factory.getbasetemp() / "toy-cache"
 
 
+def new_home(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, Path]:
+    """A fresh ``NPR_HOME`` and its ``DAGSTER_HOME`` (with ``DAGSTER_YAML``). The base model is the small
+    profile's bootstrap, cached by config: every home shares the session's cache with
+    ``toy_fixtures.small_toy_base`` (whichever runs first trains it, the others reuse it)."""
+    home = tmp_path_factory.mktemp(name)
+    shared = toy_cache_dir_of(tmp_path_factory) / "toy_base"
+    shared.mkdir(parents=True, exist_ok=True)
+    (home / "cache").mkdir()
+    (home / "cache" / "toy_base").symlink_to(shared, target_is_directory=True)
+    dagster_home = home / "dagster"
+    dagster_home.mkdir()
+    (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
+    return home, dagster_home
+
+
 @pytest.fixture(scope="session")
 def small_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallPipeline]:
     """The main job of the ``small`` profile, run once per session (about a minute on 2 idle cores)."""
@@ -177,16 +192,7 @@ def small_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmallPi
     from npr_pipelines.compute import shutdown_ray
     from npr_pipelines.definitions import build_definitions
 
-    home = tmp_path_factory.mktemp("npr-small-pipeline")
-    # The base model is the small profile's bootstrap, cached by config: share the cache with
-    # ``toy_fixtures.small_toy_base`` (whichever runs first trains it, the other reuses it).
-    shared = toy_cache_dir_of(tmp_path_factory) / "toy_base"
-    shared.mkdir(parents=True, exist_ok=True)
-    (home / "cache").mkdir()
-    (home / "cache" / "toy_base").symlink_to(shared, target_is_directory=True)
-    dagster_home = home / "dagster"
-    dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
+    home, dagster_home = new_home(tmp_path_factory, "npr-small-pipeline")
     run = SmallPipeline(home, dagster_home, {}, 0.0, None, None, dict(FAKE_SECRETS), home / "run_output.log")
     with pytest.MonkeyPatch.context() as mp:
         run.environment(mp)

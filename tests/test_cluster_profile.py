@@ -36,7 +36,7 @@ from typing import Any
 
 import psutil
 import pytest
-from pipeline_fixtures import DAGSTER_YAML, FOREIGN_ENV, toy_cache_dir_of
+from pipeline_fixtures import FOREIGN_ENV, new_home
 from test_pipeline import DESIGN_EVAL_FIELDS, DESIGN_STAGE_FIELDS, DESIGN_STAGES, STAGE_ASSETS
 
 pytestmark = pytest.mark.slow  # ~3-5 minutes on 2 shared cores
@@ -213,14 +213,7 @@ def cluster_run(ray_cluster: LocalCluster, tmp_path_factory: pytest.TempPathFact
     from npr_pipelines.definitions import build_definitions
     from resources import RayResource
 
-    home = tmp_path_factory.mktemp("npr-cluster-run")
-    shared = toy_cache_dir_of(tmp_path_factory) / "toy_base"  # the small base model, cached by config
-    shared.mkdir(parents=True, exist_ok=True)
-    (home / "cache").mkdir()
-    (home / "cache" / "toy_base").symlink_to(shared, target_is_directory=True)
-    dagster_home = home / "dagster"
-    dagster_home.mkdir()
-    (dagster_home / "dagster.yaml").write_text(DAGSTER_YAML)
+    home, dagster_home = new_home(tmp_path_factory, "npr-cluster-run")
     ray_resource = RayResource(
         address=ray_cluster.gcs_address,  # rejection sampling and evaluation: Ray tasks on the cluster
         num_cpus=1,

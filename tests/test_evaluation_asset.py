@@ -24,7 +24,17 @@ CANNED = {"parallel": (30, 1.0, [0.1, 0.2, 0.3]), "sequential": (20, 2.0, [0.4, 
 
 def fake_run_on_ray(calls: list):
     def run(
-        fn, model_dir, problems, modes, eval_kwargs, prompt, threads, workdir, latency_problems, num_cpus
+        fn,
+        model_dir,
+        problems,
+        modes,
+        eval_kwargs,
+        prompt,
+        threads,
+        workdir,
+        latency_problems,
+        pool,
+        num_cpus,
     ):
         calls.append({"modes": modes, "workdir": workdir, "latency_problems": latency_problems,
                       "model_dir": model_dir})  # fmt: skip

@@ -117,16 +117,22 @@ def score_output(
     )
 
 
-def build_engine(model, tokenizer, config: EvalConfig) -> Engine:
+def engine_parts(tokenizer, config: EvalConfig) -> tuple[TokenCodec, TagVocab | None, EngineConfig]:
+    """What an engine (or a pool of engine replicas) over ``tokenizer`` needs besides the model: the
+    codec, the tag vocabulary (None without tag tokens) and the KV cache settings of ``config``."""
     tags = TagVocab.from_tokenizer(tokenizer) if has_tag_tokens(tokenizer) else None
-    if config.mode == "parallel" and tags is None:
-        raise ValueError("parallel mode needs the tag tokens in the tokenizer (a stage-2+ checkpoint)")
-    return Engine(
-        model,
+    return (
         TokenCodec.from_tokenizer(tokenizer),
         tags,
         EngineConfig(num_blocks=config.num_blocks, block_size=config.block_size),
     )
+
+
+def build_engine(model, tokenizer, config: EvalConfig) -> Engine:
+    codec, tags, engine_config = engine_parts(tokenizer, config)
+    if config.mode == "parallel" and tags is None:
+        raise ValueError("parallel mode needs the tag tokens in the tokenizer (a stage-2+ checkpoint)")
+    return Engine(model, codec, tags, engine_config)
 
 
 def evaluate_problems(

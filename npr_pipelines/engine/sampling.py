@@ -88,13 +88,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[list[int], 
         top_k = [p.top_k for p in params]
         top_p = [p.top_p for p in params]
         if any(top_k) or any(tp < 1.0 for tp in top_p):
-            sorted_logits, order = proc.sort(dim=-1, descending=True)
-            k = torch.tensor([kk if kk > 0 else v for kk in top_k], device=dev)
-            remove = torch.arange(v, device=dev)[None, :] >= k[:, None]
-            probs = torch.softmax(sorted_logits.masked_fill(remove, float("-inf")), dim=-1)
-            before = probs.cumsum(dim=-1) - probs  # mass strictly above each token: the first is always kept
-            remove |= before > torch.tensor(top_p, dtype=probs.dtype, device=dev)[:, None]
-            proc = torch.empty_like(proc).scatter_(1, order, sorted_logits.masked_fill(remove, float("-inf")))
+            proc = truncate(proc, top_k, top_p)
         probs = torch.softmax(proc, dim=-1)
         cdf = probs.cumsum(dim=-1)
         u = torch.tensor(
@@ -114,3 +108,61 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[list[int], 
         chosen = chosen.index_put((idx,), torch.tensor([t for _, t in forced], dtype=torch.long, device=dev))
     lp = logp.gather(1, chosen[:, None])[:, 0]
     return chosen.tolist(), lp.tolist()
+
+
+#: Candidates ranked per row before a full sort is needed: a nucleus (or top-k) that ends within the
+#: first this-many tokens is found from them alone (sorting all of a [R, V] batch costs ~10 us per row
+#: on a CPU for a 400-token vocabulary; ranking 16 candidates a fifth of that).
+NUCLEUS_CANDIDATES = 16
+
+
+def truncate(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> torch.Tensor:
+    """``logits [R, V]`` with every token outside its row's top-k, then outside its top-p nucleus, set
+    to -inf (``top_k[r]`` 0: off; ``top_p[r]`` 1.0: off). The nucleus keeps the tokens, by descending
+    logit, whose probability mass strictly above them (within the top-k) is at most top-p, so the most
+    likely token is always kept.
+
+    Each row is ranked by its first ``NUCLEUS_CANDIDATES`` tokens; a row whose top-k or nucleus reaches
+    past them is sorted whole. Which path a row takes depends on that row alone, so a row's result
+    never depends on the rest of the batch (ties at the cut aside, both paths keep the same tokens).
+    """
+    v = logits.shape[1]
+    dev = logits.device
+    k = torch.tensor([kk if 0 < kk < v else v for kk in top_k], device=dev)
+    # top-p 1.0 is off: compared with a cumulative sum that can round past 1.0 it would not be.
+    p = torch.tensor([pp if pp < 1.0 else float("inf") for pp in top_p], dtype=logits.dtype, device=dev)
+    c = NUCLEUS_CANDIDATES
+    if c >= v:
+        return truncate_sorted(logits, k, p)
+    ranked, order = logits.topk(c, dim=-1)
+    within_k = torch.arange(c, device=dev)[None, :] < k[:, None]
+    # Each candidate's probability under its row's softmax (restricted to the top-k when k <= c).
+    norm = torch.where(
+        k >= v,
+        torch.logsumexp(logits, dim=-1),
+        torch.logsumexp(ranked.masked_fill(~within_k, float("-inf")), dim=-1),
+    )
+    probs = torch.exp(ranked - norm[:, None]).masked_fill_(~within_k, 0.0)
+    cum = probs.cumsum(dim=-1)
+    keep = within_k & (cum - probs <= p[:, None])  # mass strictly above: the first is always kept
+    untouched = (k >= v) & p.isinf()  # neither top-k nor top-p
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, keep) | untouched[:, None]
+    out = logits.masked_fill(~kept, float("-inf"))
+    # Decided by the candidates: a top-k that ends among them, or a nucleus whose next token already
+    # has more than top-p above it. The other rows are sorted whole.
+    wide = ~((k <= c) | untouched | ((k >= v) & (cum[:, -1] > p)))
+    if bool(wide.any()):
+        rows = wide.nonzero().squeeze(1)
+        out[rows] = truncate_sorted(logits[rows], k[rows], p[rows])
+    return out
+
+
+def truncate_sorted(logits: torch.Tensor, k: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """``truncate`` by sorting whole rows (``k [R]`` effective top-k, ``p [R]`` top-p, inf: off)."""
+    v = logits.shape[1]
+    ranked, order = logits.sort(dim=-1, descending=True)
+    within_k = torch.arange(v, device=logits.device)[None, :] < k[:, None]
+    probs = torch.softmax(ranked.masked_fill(~within_k, float("-inf")), dim=-1)
+    keep = within_k & (probs.cumsum(dim=-1) - probs <= p[:, None])
+    kept = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, order, keep)
+    return logits.masked_fill(~kept, float("-inf"))

@@ -122,9 +122,11 @@ def truncate(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float])
     logit, whose probability mass strictly above them (within the top-k) is at most top-p, so the most
     likely token is always kept.
 
-    Each row is ranked by its first ``NUCLEUS_CANDIDATES`` tokens; a row whose top-k or nucleus reaches
-    past them is sorted whole. Which path a row takes depends on that row alone, so a row's result
-    never depends on the rest of the batch (ties at the cut aside, both paths keep the same tokens).
+    On the CPU each row is ranked by its first ``NUCLEUS_CANDIDATES`` tokens; a row whose top-k or
+    nucleus reaches past them is sorted whole. Which path a row takes depends on that row alone, so a
+    row's result never depends on the rest of the batch (ties at the cut aside, both paths keep the
+    same tokens). On an accelerator the whole batch is sorted: a sort is one cheap kernel there, and
+    choosing rows would wait for the device in the middle of the step.
     """
     v = logits.shape[1]
     dev = logits.device
@@ -132,7 +134,7 @@ def truncate(logits: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float])
     # top-p 1.0 is off: compared with a cumulative sum that can round past 1.0 it would not be.
     p = torch.tensor([pp if pp < 1.0 else float("inf") for pp in top_p], dtype=logits.dtype, device=dev)
     c = NUCLEUS_CANDIDATES
-    if c >= v:
+    if c >= v or dev.type != "cpu":
         return truncate_sorted(logits, k, p)
     ranked, order = logits.topk(c, dim=-1)
     within_k = torch.arange(c, device=dev)[None, :] < k[:, None]

@@ -161,6 +161,10 @@ DEFAULT = ToyProfile(
         "5e-5 x 4 mini-batches x 15 steps +0.037 (seed 0) / -0.020 (seed 1), x 30 steps +0.012; "
         "32 prompts x 15 steps -0.015. Its errors are in reading the branches' results after the "
         "join (greedy decoding is no better: 0.21), which RL at these budgets does not move.",
+        "Later, from the make-run NPR-Beta (dev split, n = 4 x 300, paired bootstrap): this profile's "
+        "PAPO +0.010 [-0.025, +0.047]; rollouts at top-p 0.7 (the evaluation's) -0.019, with lr 1e-4 "
+        "-0.033, x 40 steps -0.092; 160 steps (8x the budget), every 20: +0.010, -0.028, -0.003, "
+        "+0.017, +0.024, -0.015, +0.014, +0.018 (none above 0 at 95%): a random walk, not a trend.",
     ),
 )
 

@@ -194,13 +194,13 @@ def test_repetition_penalty_and_greedy_top_k() -> None:
     assert logits.tolist() == [1.0, -2.0, 0.5, 3.0]
     # greedy, seen token 0 slightly ahead: the branch-only penalty flips the choice in a branch only
     from npr_pipelines.engine import Stream, StreamKind
-    from npr_pipelines.engine.sampling import SampleRow, sample
+    from npr_pipelines.engine.sampling import SampleRow, UniformDraws, sample
 
     params = SamplingParams(temperature=0.0, branch_repetition_penalty=1.5)
     streams = [Stream(kind, (0, 0) if kind is StreamKind.BRANCH else (0,)) for kind in StreamKind]
     for st in streams:
         st.push(0, 0, -1.0)
-    rows = [SampleRow(params, torch.Generator(), st) for st in streams]
+    rows = [SampleRow(params, UniformDraws(torch.Generator()), st) for st in streams]
     tokens, logprobs = sample(torch.tensor([[2.0, 1.9, 0.0]] * 2), rows)
     chosen = dict(zip([st.kind for st in streams], tokens, strict=True))
     assert chosen == {StreamKind.TRUNK: 0, StreamKind.BRANCH: 1}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from npr_pipelines.engine import sampling
-from npr_pipelines.engine.sampling import NUCLEUS_CANDIDATES, truncate, truncate_sorted
+from npr_pipelines.engine.sampling import NUCLEUS_CANDIDATES, UniformDraws, truncate, truncate_sorted
 
 
 def _reference(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
@@ -81,3 +81,12 @@ def test_only_wide_rows_are_sorted_and_a_row_never_depends_on_the_batch(
     assert torch.equal(mixed[:3], alone)
     assert mixed[3].isfinite().sum() == 141 and mixed[4].isfinite().sum() == 30
     assert NUCLEUS_CANDIDATES < 30
+
+
+@pytest.mark.parametrize("block", [1, 7, 32])
+def test_block_draws_are_the_one_at_a_time_draws(block: int) -> None:
+    """Engine outputs stay those of one generator draw per sampled token (the RNG contract)."""
+    one_at_a_time = torch.Generator().manual_seed(2024)
+    expected = [torch.rand((), generator=one_at_a_time).item() for _ in range(200)]
+    draws = UniformDraws(torch.Generator().manual_seed(2024), block=block)
+    assert [draws.next() for _ in range(200)] == expected

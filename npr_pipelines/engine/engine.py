@@ -27,7 +27,7 @@ import torch
 from npr_pipelines.engine.flow import Event, RequestFlow, Stream, StreamKind, stream_seed
 from npr_pipelines.engine.kv_cache import BlockPool, KVTable, OutOfBlocks, check_invariants
 from npr_pipelines.engine.model import PagedQwen3, Row
-from npr_pipelines.engine.sampling import SampleRow, sample
+from npr_pipelines.engine.sampling import SampleRow, UniformDraws, sample
 from npr_pipelines.engine.types import EngineOutput, FinishReason, Request, TokenCodec
 from npr_pipelines.structure import TagVocab
 
@@ -79,7 +79,7 @@ class _Active:
     preemptions: int = 0
     tables: dict[int, KVTable] = field(default_factory=dict)  # stream uid -> its table
     kv_base: dict[int, int] = field(default_factory=dict)  # stream uid -> table length before its tokens
-    generators: dict[int, torch.Generator] = field(default_factory=dict)
+    generators: dict[int, UniformDraws] = field(default_factory=dict)
     active: list[Stream] = field(default_factory=list)  # streams holding a table, in creation order
     pending: list[Stream] = field(default_factory=list)  # streams still without a table
     preempted: bool = False
@@ -212,8 +212,9 @@ class Engine:
         used = pool.num_blocks - pool.num_free
         st.peak_blocks_used = max(st.peak_blocks_used, used)
         st.peak_kv_tokens_held = max(st.peak_kv_tokens_held, used * pool.block_size)
-        unshared = sum(pool.blocks_for(len(a.tables[s.uid])) for a in self._running for s in a.active)
-        st.peak_kv_tokens_unshared = max(st.peak_kv_tokens_unshared, unshared * pool.block_size)
+        bs = pool.block_size  # blocks_for(n) inlined: this runs over every stream at every step
+        unshared = sum(-(-len(a.tables[s.uid].slots) // bs) for a in self._running for s in a.active)
+        st.peak_kv_tokens_unshared = max(st.peak_kv_tokens_unshared, unshared * bs)
         st.peak_view_tokens = max(st.peak_view_tokens, self.model.peak_view_tokens)
         self.model.peak_view_tokens = 0
 
@@ -240,28 +241,27 @@ class Engine:
         rows: list[Row] = []
         samplers: list[SampleRow] = []
         sampled: list[tuple[_Active, Stream]] = []
+        branch = StreamKind.BRANCH
+        prefill = decode = 0
         for a, s in work:
             fed = s.fed
             rows.append(
                 Row(
-                    a.key,
-                    s.uid,
-                    s.kind is StreamKind.BRANCH,
-                    a.tables[s.uid],
-                    s.tokens[fed:],
-                    s.positions[fed:],
-                    s.live,
+                    a.key, s.uid, s.kind is branch, a.tables[s.uid], s.tokens[fed:], s.positions[fed:], s.live
                 )
             )
             n = len(s.tokens) - fed
             n_inserted = n if n == 1 and s.inserted[-1] else sum(s.inserted[fed:])  # prompt + inserted
             a.prefill += n_inserted
             a.decode += n - n_inserted
-            self.stats.prefill_tokens += n_inserted
-            self.stats.decode_tokens += n - n_inserted
+            prefill += n_inserted
+            decode += n - n_inserted
             if s.live:
-                samplers.append(SampleRow(a.request.params, self._generator(a, s), s, a.request.logits_hook))
+                draws = a.generators.get(s.uid) or self._generator(a, s)
+                samplers.append(SampleRow(a.request.params, draws, s, a.request.logits_hook))
                 sampled.append((a, s))
+        self.stats.prefill_tokens += prefill
+        self.stats.decode_tokens += decode
         logits = self.model.forward(rows)
         for _, s in work:
             s.fed = len(s.tokens)
@@ -293,13 +293,13 @@ class Engine:
                 self._release_unneeded(a)
 
     # ----------------------------------------------------------------- KV tables
-    def _generator(self, a: _Active, s: Stream) -> torch.Generator:
-        g = a.generators.get(s.uid)
-        if g is None:
+    def _generator(self, a: _Active, s: Stream) -> UniformDraws:
+        draws = a.generators.get(s.uid)
+        if draws is None:
             g = torch.Generator(device="cpu")
             g.manual_seed(stream_seed(a.seed, s.path))
-            a.generators[s.uid] = g
-        return g
+            draws = a.generators[s.uid] = UniformDraws(g)
+        return draws
 
     def _sync(self, a: _Active) -> str:
         """Give every stream of ``a`` a table with a slot per token: "ok", "preempted" or "failed".

@@ -3,7 +3,7 @@
 Decodes the toy world's held-out problems in both modes exactly as ``benchmark_scores`` does (the
 profile's T / top-p / budget, chunks of problems with all their samples in flight, then the first
 ``--latency-problems`` one request at a time) and prints the throughput and latency speedups with what
-explains them: engine decode steps, rows per step and tokens per step in each mode. ``--chunk`` varies
+explains them: engine decode steps, tokens per step and milliseconds per step in each mode. ``--chunk`` varies
 the number of problems in flight. Use it to see how the same checkpoint's speedups move with the
 hardware (``--device cuda``) or the CPU thread count, without re-running the pipeline.
 """

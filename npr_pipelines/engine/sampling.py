@@ -2,8 +2,8 @@
 
 Each row (one live stream) has its own CPU ``torch.Generator``, read through ``UniformDraws`` (seeded
 from the request seed and the stream's path, so a branch's draws do not depend on what else is in the
-batch or on the device), its
-own token history for the repetition penalty, and its request's immutable ``SamplingParams``.
+batch or on the device), its own token history for the repetition penalty, and its request's immutable
+``SamplingParams``.
 
 Order: log-probs are captured first, as ``log_softmax(logits / temperature)`` of the model's logits
 (temperature 1 when greedy); then repetition penalty, the request's logits hook, temperature, top-k,

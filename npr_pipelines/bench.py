@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import random
@@ -40,6 +39,7 @@ import torch
 
 from npr_pipelines.engine import Engine, EngineConfig, EngineOutput, Request, SamplingParams, TokenCodec
 from npr_pipelines.engine.testing import CharCodec, ScriptHook, replay_script, trace_script
+from npr_pipelines.storage import write_json_report
 from npr_pipelines.structure import TagVocab, Trace, parallel_layout, parse_tokens
 
 DEFAULT_OUT = Path(".npr/bench/engine.json")
@@ -481,10 +481,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         device=args.device,
         dtype=args.dtype,
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(args.out)
+    write_json_report(args.out, result)
     keys = (
         "critical_path_ratio",
         "parallel_speedup",

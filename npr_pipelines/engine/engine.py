@@ -212,9 +212,8 @@ class Engine:
         used = pool.num_blocks - pool.num_free
         st.peak_blocks_used = max(st.peak_blocks_used, used)
         st.peak_kv_tokens_held = max(st.peak_kv_tokens_held, used * pool.block_size)
-        bs = pool.block_size  # blocks_for(n) inlined: this runs over every stream at every step
-        unshared = sum(-(-len(a.tables[s.uid].slots) // bs) for a in self._running for s in a.active)
-        st.peak_kv_tokens_unshared = max(st.peak_kv_tokens_unshared, unshared * bs)
+        unshared = sum(pool.blocks_for(len(a.tables[s.uid])) for a in self._running for s in a.active)
+        st.peak_kv_tokens_unshared = max(st.peak_kv_tokens_unshared, unshared * pool.block_size)
         st.peak_view_tokens = max(st.peak_view_tokens, self.model.peak_view_tokens)
         self.model.peak_view_tokens = 0
 
@@ -257,8 +256,7 @@ class Engine:
             prefill += n_inserted
             decode += n - n_inserted
             if s.live:
-                draws = a.generators.get(s.uid) or self._generator(a, s)
-                samplers.append(SampleRow(a.request.params, draws, s, a.request.logits_hook))
+                samplers.append(SampleRow(a.request.params, self._generator(a, s), s, a.request.logits_hook))
                 sampled.append((a, s))
         self.stats.prefill_tokens += prefill
         self.stats.decode_tokens += decode

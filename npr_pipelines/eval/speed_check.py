@@ -19,6 +19,7 @@ import torch
 
 from npr_pipelines.eval.runner import EvalConfig, build_engine, evaluate_problems, measure_latency, summarize
 from npr_pipelines.eval.speedup import latency_speedup, median_latency, throughput_speedup, tokens_per_second
+from npr_pipelines.storage import write_json_report
 
 #: The summary keys reported per mode (the rest of ``summarize`` is noise for a speed check).
 _REPORTED = (
@@ -62,6 +63,7 @@ def speed_check(
     if device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(0)
     modes: dict[str, dict[str, Any]] = {}
+    latencies: dict[str, list[float]] = {}
     with torch.no_grad():
         for mode in ("sequential", "parallel"):
             cfg = EvalConfig(
@@ -76,7 +78,7 @@ def speed_check(
             )
             steps = engine.stats.steps - steps0
             tokens = sum(r.total_tokens for r in records)
-            latencies = measure_latency(
+            latencies[mode] = measure_latency(
                 model, tokenizer, problems[:latency_problems], cfg, TOY_PROMPT, engine
             )
             summary = summarize(records)
@@ -88,12 +90,11 @@ def speed_check(
                 "engine_steps": steps,
                 "tokens_per_step": tokens / steps if steps else None,
                 "ms_per_step": 1000 * wall / steps if steps else None,
-                "latency_median_s": median_latency(latencies),
+                "latency_median_s": median_latency(latencies[mode]),
             }
-            modes[mode]["_latencies"] = latencies
     seq, par = modes["sequential"], modes["parallel"]
     out["throughput_speedup"] = throughput_speedup(par["tokens_per_s"], seq["tokens_per_s"])
-    out["latency_speedup"] = latency_speedup(seq.pop("_latencies"), par.pop("_latencies"))
+    out["latency_speedup"] = latency_speedup(latencies["sequential"], latencies["parallel"])
     out["step_ratio"] = seq["engine_steps"] / par["engine_steps"] if par["engine_steps"] else None
     out["modes"] = modes
     return out
@@ -118,11 +119,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for c in args.chunk
     ]
-    text = json.dumps(results if len(results) > 1 else results[0], indent=2, default=str)
-    print(text)
+    report = results if len(results) > 1 else results[0]
+    print(json.dumps(report, indent=2, default=str))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_json_report(args.out, report)
     return 0
 
 

@@ -20,7 +20,7 @@ from npr_pipelines.storage.manifest import (
     FileEntry,
     Manifest,
 )
-from npr_pipelines.storage.store import DEFAULT_BASE_URI, Storage, StorageUnreachable
+from npr_pipelines.storage.store import DEFAULT_BASE_URI, Storage, StorageUnreachable, write_json_report
 
 __all__ = [
     "DEFAULT_BASE_URI",
@@ -37,4 +37,5 @@ __all__ = [
     "publish_dir",
     "read_manifest",
     "verify_dir",
+    "write_json_report",
 ]

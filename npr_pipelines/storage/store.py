@@ -278,6 +278,12 @@ class Storage:
         return _publish.list_published(self, prefix)
 
 
+def write_json_report(path: str | os.PathLike, obj: Any) -> None:
+    """``obj`` as indented JSON in the local file ``path`` (a command's ``--out``), written atomically:
+    a reader never sees half a report."""
+    _atomic_write_local(str(path), (json.dumps(obj, indent=2, default=str) + "\n").encode("utf-8"))
+
+
 def _atomic_write_local(path: str, data: bytes) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -323,17 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     from pathlib import Path
 
+    from npr_pipelines.storage import write_json_report
+
     ap = argparse.ArgumentParser(description="parallel-SFT attention benchmark (step time, peak memory)")
     ap.add_argument("--out", type=Path, default=None, help="also write the JSON here (atomically)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args(argv)
-    text = json.dumps(run_attention_bench(threads=args.threads), indent=2)
-    print(text)
+    result = run_attention_bench(threads=args.threads)
+    print(json.dumps(result, indent=2))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".json.tmp")
-        tmp.write_text(text)
-        tmp.replace(args.out)
+        write_json_report(args.out, result)
     return 0
 
 

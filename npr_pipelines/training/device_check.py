@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from npr_pipelines.storage import write_json_report
 from npr_pipelines.tokenization import PromptConfig
 from npr_pipelines.training.rl import papo_config, run_papo
 from npr_pipelines.training.sft import SFTConfig, run_sft
@@ -92,11 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     result = run_device_check(args.device, args.model_path, args.sft_steps, args.papo_steps)
-    text = json.dumps(result, indent=2, default=str)
-    print(text)
+    print(json.dumps(result, indent=2, default=str))
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_json_report(args.out, result)
     return 0
 
 

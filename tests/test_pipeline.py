@@ -309,3 +309,26 @@ def test_a_stage_publishes_and_reads_its_checkpoint_through_s3(
     )
     for name in manifest.files:
         assert (fetched / name).read_bytes() == (published / name).read_bytes(), name
+
+
+def test_papo_study_runs_from_the_pipelines_recorded_npr_beta(small_pipeline, tmp_path, capsys) -> None:
+    from npr_pipelines.training.papo_study import main
+
+    out = tmp_path / "study.json"
+    argv = ["--home", str(small_pipeline.home), "--profile", "small", "--steps", "1", "--problems", "6",
+            "--samples", "2", "--split", "dev", "--threads", "1", "--workdir", str(tmp_path / "w"), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(out.read_text())
+    # NPR-Beta is the last npr_beta checkpoint the run recorded (its index), not something the study trained.
+    latest = sorted((small_pipeline.home / "artifacts" / "checkpoints" / "index").glob("npr_beta-*.json"))[-1]
+    assert report["npr_beta"] == json.loads(latest.read_text())["uri"]
+    assert set(report["summaries"]) == {"npr_beta", "npr", "control"}
+    assert report["control_sft_steps"] >= 1 and report["papo_config"]["steps"] == 1
+    for name in ("npr", "control"):
+        g = report["gain_vs_npr_beta"][name]
+        assert g["low"] <= g["diff"] <= g["high"]
+        accuracy = {k: v["accuracy"] for k, v in report["summaries"].items()}
+        assert g["diff"] == pytest.approx(accuracy[name] - accuracy["npr_beta"])
+    assert "npr - npr_beta" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="not empty"):  # a study never mixes into an earlier one's directory
+        main(argv)

@@ -10,16 +10,16 @@ protocol (the paper's T = 1.0, top-p 0.7). Every figure is printed (run with ``-
   independent token-level re-check 100%, and a planted bad trace fails it.
 - NPR-Beta: ``format_valid_rate`` >= 0.95 in parallel mode and >= 0.9 in sequential mode.
 - NPR: the final PAPO checkpoint (fixed in advance) against NPR-Beta, n = 4 samples per problem in
-  parallel mode: trigger rate >= 0.99 and the format kept. The accuracy gain and its paired-bootstrap 95%
-  interval are printed, not asserted: on this model the gain is within noise at every budget tried (the
-  ``default`` profile's notes list them), so issue #7's "+0.05, interval above 0" is not met. With
-  ``NPR_LEARNING_CONTROL=1`` a matched control (NPR-Beta trained further by SFT on its corpus for PAPO's
-  wall time) is printed next to it; off by default, to keep the suite within its time budget.
+  parallel mode: trigger rate >= 0.99 and the format kept, after PAPO_STEPS steps of the profile's
+  PAPO (half of `make run`'s 12, for the suite's time budget). The accuracy gain and its
+  paired-bootstrap 95% interval are printed, not asserted: at these budgets it is within noise (about
+  +0.01 per 8 steps of 64 x 8 rollouts; the ``default`` profile's notes). The longer comparison with a
+  matched control is ``python -m npr_pipelines.training.papo_study``; here ``NPR_LEARNING_CONTROL=1``
+  prints the control (NPR-Beta trained further by SFT on its corpus for PAPO's wall time) as well.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 from collections.abc import Sequence
@@ -31,11 +31,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from npr_pipelines.eval.runner import EvalConfig, SampleRecord, evaluate_problems, summarize
+from npr_pipelines.eval.runner import EvalConfig, SampleRecord
 from npr_pipelines.toy.problems import generate_problems
 from npr_pipelines.toy.profiles import get_profile
 from npr_pipelines.toy.tokenizer import TOY_PROMPT
 from npr_pipelines.training.distill import build_corpus, recheck_corpus, run_rejection_sampling
+from npr_pipelines.training.papo_study import EVAL_SEED, continue_sft_for, evaluate_checkpoint
 from npr_pipelines.training.rl import run_npr_zero, run_papo
 from npr_pipelines.training.rl_stats import paired_bootstrap, paired_means
 from npr_pipelines.training.sft import prepare_model, run_sft
@@ -47,6 +48,7 @@ except ImportError:  # tests/ imported as a package
 
 THREADS = int(os.environ.get("NPR_TEST_THREADS", "2"))
 EVAL_PROBLEMS = 200
+PAPO_STEPS = 6
 pytestmark = pytest.mark.slow
 
 
@@ -55,46 +57,14 @@ def evaluate_dir(path: Path, problems: Sequence[Any], mode: str, *, n: int = 1) 
                                                                                          dict[str, Any]]:  # fmt: skip
     """The profile's evaluation protocol on a saved checkpoint: ``(records, summary)``."""
     ev = get_profile("default").eval
-    tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
     cfg = EvalConfig(mode=mode, n_samples=n, temperature=ev.temperature, top_p=ev.top_p,
-                     max_new_tokens=ev.max_new_tokens, seed=1234)  # fmt: skip
-    old = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
-        with torch.no_grad():
-            records, wall = evaluate_problems(model, tok, list(problems), cfg, TOY_PROMPT)
-    finally:
-        torch.set_num_threads(old)
-    return records, {**summarize(records), "wall_s": round(wall, 1)}
+                     max_new_tokens=ev.max_new_tokens, seed=EVAL_SEED)  # fmt: skip
+    return evaluate_checkpoint(path, problems, cfg, TOY_PROMPT, THREADS)
 
 
 def figures(summary: dict[str, Any]) -> str:
     keys = ("accuracy", "format_valid_rate", "trigger_rate", "wall_s")
     return ", ".join(f"{k} {summary[k]:.3f}" for k in keys if isinstance(summary.get(k), int | float))
-
-
-class _OutOfTime(Exception):
-    pass
-
-
-def continue_sft_for(beta_dir: Path, rows: Sequence[dict[str, Any]], config: Any, workdir: Path,
-                     seconds: float) -> tuple[Path, int]:  # fmt: skip
-    """The matched control: NPR-Beta trained further by SFT on its own corpus (constant lr = the
-    stage's final lr) for ``seconds`` of wall time; returns the last checkpoint written and its step."""
-    cfg = replace(config, lr=config.lr * config.min_lr_ratio, warmup_ratio=0.0, min_lr_ratio=1.0,
-                  max_steps=None, epochs=1000, save_every=5, seed=config.seed + 1)  # fmt: skip
-    t0, last = time.perf_counter(), []
-
-    def on_checkpoint(step: int, path: Path) -> None:
-        last.append((step, path))
-        if time.perf_counter() - t0 >= seconds:
-            raise _OutOfTime
-
-    with contextlib.suppress(_OutOfTime):
-        run_sft(beta_dir, rows, cfg, workdir, on_checkpoint=on_checkpoint)
-    step, path = last[-1]
-    return path, step
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -105,6 +75,7 @@ def cfgs() -> dict[str, Any]:
     out = stage_configs("default")
     for stage in ("npr_zero", "npr"):
         out[stage] = out[stage].replace(num_threads=THREADS)
+    out["npr"] = out["npr"].replace(steps=PAPO_STEPS, save_every=PAPO_STEPS // 2)
     for stage in ("rejection", "npr_beta"):
         out[stage] = replace(out[stage], num_threads=THREADS)
     return out
@@ -185,7 +156,7 @@ def test_parallel_sft_learns_the_format(npr_beta, splits) -> None:
     assert seq["format_valid_rate"] >= 0.9
 
 
-def test_papo_improves_on_npr_beta(npr_beta, corpus, cfgs, splits, chain_dir) -> None:
+def test_papo_from_npr_beta_keeps_the_parallel_format(npr_beta, corpus, cfgs, splits, chain_dir) -> None:
     t0 = time.perf_counter()
     result = run_papo(npr_beta["dir"], splits["train"], chain_dir / "papo", cfgs["npr"])
     papo_wall = time.perf_counter() - t0
@@ -202,6 +173,6 @@ def test_papo_improves_on_npr_beta(npr_beta, corpus, cfgs, splits, chain_dir) ->
         control_gain = paired_bootstrap(*paired_means(beta_records, control_records), n=5000)
         print(f"control ({control_steps} more SFT steps, same wall time): {figures(control)}"
               f"\n  gain {control_gain.diff:+.3f} [{control_gain.low:+.3f}, {control_gain.high:+.3f}]")  # fmt: skip
-    # RL does not break the format (measured: trigger 1.0 / 0.999, validity 0.90 / 0.995 in two runs)
+    # RL does not break the format (measured before: trigger 1.0 / 0.999, validity 0.90 / 0.995)
     assert npr["trigger_rate"] >= 0.99
     assert npr["format_valid_rate"] >= 0.85

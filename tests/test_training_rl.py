@@ -151,6 +151,47 @@ def test_structural_failures_are_dropped_and_never_trained(tiny_tagged, tmp_path
     assert not set(trained) & dropped
 
 
+def test_schema_filter_drops_clean_traces_that_are_not_parallel(tiny_tagged, tmp_path, monkeypatch) -> None:
+    tok = _tok(tiny_tagged)
+    tags = TagVocab.from_tokenizer(tok)
+    encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
+    eos = tok.eos_token_id
+    parallel = trace_script(_trace(ANSWER), tags, encode, end=(eos,))
+    plain = {(0,): encode(f"\\boxed{{{ANSWER}}}")}  # correct and cleanly finished, but no parallel block
+
+    def factory(problem: Problem, sample: int):
+        return ScriptHook(parallel if sample % 2 == 0 else plain, after=eos)
+
+    kept: dict[bool, list] = {}
+    for on in (False, True):
+        spy = Spy(monkeypatch)
+        run_rl(tiny_tagged, _problems(["p1"]), _config(prompts_per_step=1, drop_schema_failures=on),
+               tmp_path / f"run-{on}", logits_hook=factory)  # fmt: skip
+        assert all(r.record.correct for r in spy.rollouts)
+        kept[on] = [r for r in spy.rollouts if r.dropped is None]
+        dropped = [r for r in spy.rollouts if r.dropped is not None]
+        if on:
+            assert {r.sample for r in dropped} == {1, 3} and {r.dropped for r in dropped} == {"schema"}
+        else:
+            assert not dropped
+    assert all(r.record.triggered and r.record.format_valid for r in kept[True])
+    assert len(kept[False]) == 4 and len(kept[True]) == 2
+
+
+@pytest.mark.parametrize(
+    ("mode", "valid", "triggered", "fails"),
+    [("parallel", True, True, False), ("parallel", True, False, True), ("parallel", False, True, True),
+     ("sequential", True, False, False), ("sequential", False, False, True)],
+)  # fmt: skip
+def test_schema_failure_by_mode(mode, valid, triggered, fails) -> None:
+    from types import SimpleNamespace
+
+    from npr_pipelines.training.rl_rollout import schema_failure
+
+    out, record = SimpleNamespace(mode=mode), SimpleNamespace(format_valid=valid, triggered=triggered)
+    assert schema_failure(out, record) is fails
+
+
 def test_inserted_tokens_get_no_gradient(tiny_tagged, tmp_path, monkeypatch) -> None:
     spy = Spy(monkeypatch)
     tok = _tok(tiny_tagged)

@@ -4,7 +4,8 @@ One step (``method.md`` §2.1, §4.4-4.9)::
 
     prompts   <- the next problems of a seeded per-epoch permutation (the data cursor)
     rollouts  <- group_size samples per prompt from the NPR engine over the LIVE model
-    drop      <- structural failures (unclean finish, layout mismatch), when configured
+    drop      <- structural failures (unclean finish, layout mismatch), when configured; optionally
+                 also clean rollouts that are not format-valid parallel traces (schema failures)
     rewards   <- registered reward (+ DAPO overlong penalty)
     [dynamic sampling: keep groups with mixed rewards; generate more batches until enough]
     adv       <- registered advantage over the kept rollouts
@@ -108,6 +109,9 @@ class RLConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty width (0: off)
     overlong_penalty_factor: float = 1.0
     drop_structural_failures: bool = True
+    # Also drop clean rollouts that are not a format-valid parallel trace (the paper's "schema-level
+    # filtering": only genuinely parallel trajectories enter the update). The release's V4 keeps them.
+    drop_schema_failures: bool = False
     allow_approximate_rollouts: bool = False  # train on approximate traces (parallel mode via SGLang)
     truncate_multiple: int = 1  # the release cuts batches to a multiple of 8 rollouts (§7.16)
     seed: int = 0
@@ -379,6 +383,7 @@ class _Run:
                 gen_batch=gen_batch,
                 group_offset=gen_batch * cfg.prompts_per_step,
                 drop_structural_failures=cfg.drop_structural_failures,
+                drop_schema_failures=cfg.drop_schema_failures,
                 logits_hook=self.logits_hook,
                 allow_approximate=cfg.allow_approximate_rollouts,
             )

@@ -30,6 +30,7 @@ from npr_pipelines.structure import TagVocab, format_score_v1
 #: Why a rollout was dropped before training (``None`` = kept).
 DROP_UNCLEAN_FINISH = "unclean_finish"  # truncated, budget, malformed fork, ... (FinishReason not clean)
 DROP_LAYOUT = "layout"  # the trainer's layout of the ids disagrees with what the engine executed
+DROP_SCHEMA = "schema"  # clean, but not format-valid or not parallel (``schema_failure``)
 
 
 class RolloutEngine(Protocol):
@@ -104,6 +105,12 @@ def structural_failure(out: EngineOutput, tags: TagVocab | None, codec: TokenCod
     return None
 
 
+def schema_failure(out: EngineOutput, record: SampleRecord) -> bool:
+    """The paper's schema-level filter (``method.md`` §4.1): a clean rollout that is still not a
+    format-valid trace, or, in parallel mode, never opened a parallel block."""
+    return not record.format_valid or (out.mode == "parallel" and not record.triggered)
+
+
 def refuse_approximate(outputs: Sequence[EngineOutput]) -> None:
     """Raise ``ApproximateRolloutError`` if any output is approximate (``EngineOutput.approximate``).
 
@@ -135,6 +142,7 @@ def generate_rollouts(
     gen_batch: int,
     group_offset: int,
     drop_structural_failures: bool,
+    drop_schema_failures: bool = False,
     logits_hook: HookFactory | None = None,
     allow_approximate: bool = False,
 ) -> list[Rollout]:
@@ -161,6 +169,9 @@ def generate_rollouts(
         for k in range(group_size):
             out = outputs[j * group_size + k]
             record = score_output(problem, k, out, codec)
+            dropped = structural_failure(out, tags, codec) if drop_structural_failures else None
+            if dropped is None and drop_schema_failures and schema_failure(out, record):
+                dropped = DROP_SCHEMA
             rollouts.append(
                 Rollout(
                     problem=problem,
@@ -170,7 +181,7 @@ def generate_rollouts(
                     output=out,
                     record=record,
                     v1_score=format_score_v1(record.text) if record.text else 0.0,
-                    dropped=structural_failure(out, tags, codec) if drop_structural_failures else None,
+                    dropped=dropped,
                 )
             )
     return rollouts

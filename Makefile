@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv chromium run ui bench test test-fast lint fmt clean
+.PHONY: venv chromium run ui bench papo-study test test-fast lint fmt clean
 
 venv: $(STAMP)
 
@@ -41,6 +41,12 @@ ui: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m npr_pipelines.bench
 	$(PY) -m npr_pipelines.training.bench_attention --out .npr/bench/training.json
+
+# After `make run`: PAPO for 64 steps from its NPR-Beta against a matched SFT control (~25 min on 2 cores):
+# .npr/reports/papo_study.json.
+papo-study: $(STAMP)
+	rm -rf .npr/work/papo_study
+	$(PY) -m npr_pipelines.training.papo_study
 
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .

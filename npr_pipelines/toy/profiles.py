@@ -145,7 +145,7 @@ DEFAULT = ToyProfile(
     # (format-invalid or non-parallel rollouts dropped, ``RLConfig.drop_schema_failures``). Smaller
     # batches (16 x 8, 1-4 optimiser steps) gave a random walk at lr 5e-5 and lost accuracy at 1e-4;
     # 64 x 8 at lr 1e-4 gains steadily but slowly (see the notes), so the 12 steps that fit `make run`
-    # give about +0.01-0.02: `python -m npr_pipelines.training.papo_study` runs the longer comparison.
+    # are within noise (dev +0.022 [-0.005, +0.051]; -0.003 in `make run`): `make papo-study` runs 64.
     papo=RLStageConfig(
         lr=1e-4,
         steps=12,

@@ -11,7 +11,7 @@ From one NPR-Beta checkpoint (by default the one the last ``make run`` published
    held-out split, ``n_samples`` per problem, one fixed seed; gains with paired-bootstrap 95% intervals
    over problems.
 
-``python -m npr_pipelines.training.papo_study`` writes ``.npr/reports/papo_study.json`` (about 25 min on
+``python -m npr_pipelines.training.papo_study`` writes ``.npr/reports/papo_study.json`` (about 20 min on
 2 CPU cores with the defaults: 64 PAPO steps of 64 prompts x 8 rollouts, the control, three evaluations).
 The ``make run`` PAPO stage uses the same settings with fewer steps, to fit its time budget.
 """

@@ -109,8 +109,8 @@ class RLConfig:
     overlong_buffer: int = 0  # DAPO soft overlong penalty width (0: off)
     overlong_penalty_factor: float = 1.0
     drop_structural_failures: bool = True
-    # Also drop clean rollouts that are not a format-valid parallel trace (the paper's "schema-level
-    # filtering": only genuinely parallel trajectories enter the update). The release's V4 keeps them.
+    # Also drop clean rollouts that are format-invalid or, in parallel mode, not parallel (the paper's
+    # "schema-level filtering": only genuinely parallel trajectories enter the update). V4 keeps them.
     drop_schema_failures: bool = False
     allow_approximate_rollouts: bool = False  # train on approximate traces (parallel mode via SGLang)
     truncate_multiple: int = 1  # the release cuts batches to a multiple of 8 rollouts (§7.16)

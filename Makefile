@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(PY) -m npr_pipelines.bench
 	$(PY) -m npr_pipelines.training.bench_attention --out .npr/bench/training.json
 
-# After `make run`: PAPO for 64 steps from its NPR-Beta against a matched SFT control (~20 min on 2 cores):
+# After `make run`: PAPO for 128 steps from its NPR-Beta against a matched SFT control (~40 min on 2 cores):
 # .npr/reports/papo_study.json.
 papo-study: $(STAMP)
 	rm -rf .npr/work/papo_study

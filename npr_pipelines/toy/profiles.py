@@ -145,7 +145,7 @@ DEFAULT = ToyProfile(
     # (format-invalid or non-parallel rollouts dropped, ``RLConfig.drop_schema_failures``). Smaller
     # batches (16 x 8, 1-4 optimiser steps) gave a random walk at lr 5e-5 and lost accuracy at 1e-4;
     # 64 x 8 at lr 1e-4 gains steadily but slowly (see the notes), so the 12 steps that fit `make run`
-    # are within noise (dev +0.022 [-0.005, +0.051]; -0.003 in `make run`): `make papo-study` runs 64.
+    # are within noise (dev +0.022 [-0.005, +0.051]; -0.003 in `make run`): `make papo-study` runs 128.
     papo=RLStageConfig(
         lr=1e-4,
         steps=12,
@@ -185,7 +185,8 @@ DEFAULT = ToyProfile(
         "with the schema filter). 64 x 8 with one optimiser step, lr 1e-4, schema filter: +0.007, "
         "+0.020, +0.029, +0.040, +0.046 [+0.006, +0.085], +0.045 at steps 8-48 (at top-p 1.0: +0.019 "
         "... +0.060 [+0.027, +0.093]); lr 2e-4 -0.023 and T = 0.7 rollouts -0.007 at step 16; Adam eps "
-        "1e-5 no different. On the test split, 64 steps: +0.033 [-0.011, +0.078].",
+        "1e-5 no different. make papo-study (test split, final checkpoint): 64 steps +0.033 [-0.012, "
+        "+0.079]; 128 steps +0.110 [+0.061, +0.159], matched SFT control -0.011.",
     ),
 )
 

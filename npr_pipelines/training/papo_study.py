@@ -11,8 +11,8 @@ From one NPR-Beta checkpoint (by default the one the last ``make run`` published
    held-out split, ``n_samples`` per problem, one fixed seed; gains with paired-bootstrap 95% intervals
    over problems.
 
-``python -m npr_pipelines.training.papo_study`` writes ``.npr/reports/papo_study.json`` (about 20 min on
-2 CPU cores with the defaults: 64 PAPO steps of 64 prompts x 8 rollouts, the control, three evaluations).
+``python -m npr_pipelines.training.papo_study`` writes ``.npr/reports/papo_study.json`` (about 40 min on
+2 CPU cores with the defaults: 128 PAPO steps of 64 prompts x 8 rollouts, the control, three evaluations).
 The ``make run`` PAPO stage uses the same settings with fewer steps, to fit its time budget.
 """
 
@@ -47,7 +47,7 @@ class PAPOStudyConfig:
     """What the study runs (also what its report records)."""
 
     profile: str = "default"
-    papo_steps: int = 64
+    papo_steps: int = 128
     n_samples: int = 4
     eval_split: str = "test"
     eval_problems: int = 300

@@ -287,3 +287,29 @@ def test_masked_tokens_contribute_nothing(name: str, agg_mode: str) -> None:
     release = leaf(logp0)
     loss_fn(release, old, adv, response, agg_mode=agg_mode)[0].backward()
     assert (release.grad[inserted] != 0).all()
+
+
+@pytest.mark.parametrize("agg_mode", sorted(LOSS_AGGREGATIONS.names()))
+@pytest.mark.parametrize("name", sorted(POLICY_LOSSES.names()))
+def test_zero_advantage_rows_add_no_gradient(name: str, agg_mode: str) -> None:
+    """The registry's contract that lets the trainer leave zero-advantage sequences out of the backward
+    pass (``RLConfig.skip_zero_advantage``): with the denominator fixed, dropping them changes nothing."""
+    logp0, old, adv = random_batch(seed=4, b=4, t=6)
+    adv[1] = 0.0
+    adv[3] = 0.0
+    mask = torch.ones(4, 6, dtype=torch.bool)
+    mask[3, 4:] = False
+    loss_fn = get_policy_loss(name)
+    denominator = float(mask.sum()) if agg_mode == "token-mean" else 4.0
+
+    full = leaf(logp0)
+    loss_full, _ = loss_fn(full, old, adv, mask, agg_mode=agg_mode, denominator=denominator)
+    loss_full.backward()
+    assert (full.grad[[1, 3]] == 0).all() and (full.grad[[0, 2]] != 0).any()
+
+    kept = [0, 2]
+    part = leaf(logp0[kept])
+    loss_part, _ = loss_fn(part, old[kept], adv[kept], mask[kept], agg_mode=agg_mode, denominator=denominator)
+    loss_part.backward()
+    assert_close(loss_part, loss_full)
+    assert_close(part.grad, full.grad[kept])

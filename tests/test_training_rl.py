@@ -218,17 +218,22 @@ def test_inserted_tokens_get_no_gradient(tiny_tagged, tmp_path, monkeypatch) -> 
     assert checked == 2
 
 
-def test_dynamic_sampling_refills_with_mixed_groups(tiny_plain, tmp_path, monkeypatch) -> None:
-    spy = Spy(monkeypatch)
-    tok = _tok(tiny_plain)
+def _uniform_and_mixed_hook(tok):
+    """Problems "u*": every sample correct (a uniform group, advantage 0); "m*": half correct."""
     encode = lambda s: tok.encode(s, add_special_tokens=False)  # noqa: E731
     eos = tok.eos_token_id
 
     def factory(problem: Problem, sample: int):
-        # Problems "u*": every sample correct (a uniform group); "m*": half correct (mixed).
         right = problem.id.startswith("u") or sample % 2 == 0
         return ScriptHook({(0,): encode(f"\\boxed{{{ANSWER if right else '8'}}}")}, after=eos)
 
+    return factory
+
+
+def test_dynamic_sampling_refills_with_mixed_groups(tiny_plain, tmp_path, monkeypatch) -> None:
+    spy = Spy(monkeypatch)
+    tok = _tok(tiny_plain)
+    factory = _uniform_and_mixed_hook(tok)
     logs: list[dict] = []
     cfg = sr_config(**{**_config().to_dict(), "stage": "sr", "mode": "sequential", "prompt": _config().prompt,
                        "betas": (0.9, 0.999), "dynamic_sampling": True, "max_gen_batches": 4})  # fmt: skip
@@ -242,6 +247,33 @@ def test_dynamic_sampling_refills_with_mixed_groups(tiny_plain, tmp_path, monkey
     trained_rollouts = [r for r in spy.rollouts if tuple(r.prompt_ids + r.output.response_ids) in trained]
     assert trained_rollouts and all(r.problem.id == "m1" for r in trained_rollouts)
     assert rec["kept"] == sum(r.problem.id == "m1" for r in spy.rollouts)
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path)).state_dict()
+
+
+def test_zero_advantage_rollouts_are_skipped_exactly(tiny_plain, tmp_path, monkeypatch) -> None:
+    tok = _tok(tiny_plain)
+    cfg = _config(mode="sequential", stage="sr", steps=2, prompts_per_step=2, micro_batch_size=2)
+    problems = _problems(["u1", "m1"])  # both in every step
+    spy = Spy(monkeypatch)
+    logs: list[dict] = []
+    skipped = run_rl(tiny_plain, problems, cfg, tmp_path / "skip", logits_hook=_uniform_and_mixed_hook(tok),
+                     on_log=logs.append)  # fmt: skip
+    trained = {_row_ids(b, i) for b in spy.batches for i in range(b.input_ids.shape[0])}
+    by_row = {tuple(r.prompt_ids + r.output.response_ids): r for r in spy.rollouts}
+    assert trained and all(by_row[row].problem.id.startswith("m") for row in trained)
+    assert [rec["zero_advantage"] for rec in logs] == [4.0, 4.0]  # one uniform group of four per step
+
+    full = run_rl(tiny_plain, problems, cfg.replace(skip_zero_advantage=False), tmp_path / "full",
+                  logits_hook=_uniform_and_mixed_hook(tok))  # fmt: skip
+    a, b, init = _weights(skipped.final_dir), _weights(full.final_dir), _weights(tiny_plain)
+    assert any(not torch.equal(a[k], init[k]) for k in a)  # the update is not empty
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
 
 
 def _resume_hook(tok):

@@ -16,7 +16,9 @@ The call contracts (all shapes: ``B`` = sequences in the batch, ``T`` = padded r
 - reward:      ``fn(*, correct [B] bool, format_scores [B] | None, empty [B] bool | None, **params) -> [B]``
 - advantage:   ``fn(rewards [B], group_ids [B] int, *, eps, **params) -> [B]``
 - policy loss: ``fn(logp [B,T], old_logp [B,T] | None, advantages [B,T], mask [B,T], *, agg_mode,
-  denominator, **params) -> (scalar loss, metrics: dict[str, 0-d tensor])``
+  denominator, **params) -> (scalar loss, metrics: dict[str, 0-d tensor])``. A token whose advantage is
+  0 must add 0 to the gradient (no KL or entropy term): the trainer leaves zero-advantage sequences
+  out of the backward pass (``RLConfig.skip_zero_advantage``).
 - loss aggregation: ``fn(loss_mat [B,T], mask [B,T], *, denominator) -> scalar``
 """
 

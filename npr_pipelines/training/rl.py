@@ -96,6 +96,9 @@ class RLConfig:
     grad_clip: float = 1.0
     mini_batches_per_step: int = 1
     micro_batch_size: int = 16  # sequences per forward/backward (memory only; the gradient is exact)
+    # Leave zero-advantage rollouts (uniform groups) out of the forward/backward. Exact: they add 0 to
+    # every registered loss's gradient (``rl/registry.py``) and still count in the denominator.
+    skip_zero_advantage: bool = True
     clip_ratio_low: float = 0.2  # DAPO loss only
     clip_ratio_high: float = 0.28
     clip_ratio_c: float = 10.0
@@ -275,7 +278,7 @@ def _loss_kwargs(config: RLConfig) -> dict[str, float]:
 
 
 def _stored_config_matches(stored: Mapping[str, Any], config: RLConfig) -> bool:
-    ignore = {"save_every"}
+    ignore = {"save_every", "skip_zero_advantage"}  # neither changes the result
     mine = {k: v for k, v in config.to_dict().items() if k not in ignore}
     theirs = {k: v for k, v in stored.items() if k not in ignore}
     return mine == theirs
@@ -444,6 +447,9 @@ class _Run:
             objective = RLObjective(
                 cfg.loss, _denominator(part, cfg.loss_agg), cfg.loss_agg, cfg.temperature, _loss_kwargs(cfg)
             )
+            if cfg.skip_zero_advantage:
+                # all-zero parts still take their optimiser step (Adam moves on momentum alone)
+                part = [s for s in part if s.advantage != 0.0] or part
             per_mb.append(
                 self.strategy.train_step(objective, _micro_batches(part, cfg.micro_batch_size, self.pad_id))
             )
@@ -455,6 +461,7 @@ class _Run:
         metrics = {k: sum(m.get(k, 0.0) for m in per_mb) / len(per_mb) for k in sorted(keys)}
         metrics["adv_abs_mean"] = float(adv.abs().mean())
         metrics["trained_tokens"] = float(sum(count_targets([s]) for s in seqs))
+        metrics["zero_advantage"] = float(sum(s.advantage == 0.0 for s in seqs))
         return metrics
 
     def save(self, step: int) -> Path:

@@ -38,6 +38,7 @@ from assets.common import (
     run_key,
     run_on_ray,
 )
+from npr_pipelines.compute.cluster import ROLLOUTS, owner_rollouts
 from npr_pipelines.compute.stage_job import (
     PIPES_EXTRA,
     StageSpec,
@@ -86,8 +87,10 @@ PROGRESS_KEYS = (
 
 
 def _stage_task(driver: str, init_dir: str, records: list[dict[str, Any]], config: Any, workdir: str,
-                storage_uri: str, stage: str, key: str, run_id: str, threads: int) -> dict[str, Any]:  # fmt: skip
-    """Ray task body: run the driver, publishing each checkpoint as soon as it is written."""
+                storage_uri: str, stage: str, key: str, run_id: str, threads: int,
+                rollout_replicas: int = 0) -> dict[str, Any]:  # fmt: skip
+    """Ray task body: run the driver (an RL driver on ``rollout_replicas`` engine replicas sharing this
+    task's CPUs, ``compute.cluster.owner_rollouts``), publishing each checkpoint as soon as it is written."""
     import torch
 
     torch.set_num_threads(threads)
@@ -100,9 +103,11 @@ def _stage_task(driver: str, init_dir: str, records: list[dict[str, Any]], confi
         shown = [f"{k} {record[k]:.4g}" for k in PROGRESS_KEYS if isinstance(record.get(k), int | float)]
         print(f"{stage} step {record.get('step')}: " + ", ".join(shown), flush=True)
 
-    result = get_driver(driver).run(
-        init_dir, records, config, workdir, on_checkpoint=on_checkpoint, on_log=on_log
-    )
+    stage_driver = get_driver(driver)
+    with owner_rollouts(stage_driver.compute, rollout_replicas) as extra:
+        result = stage_driver.run(
+            init_dir, records, config, workdir, on_checkpoint=on_checkpoint, on_log=on_log, extra=extra
+        )
     for step, path in result.checkpoints:  # a resumed run may hold checkpoints written before a crash
         on_checkpoint(step, path)
     return {
@@ -124,7 +129,7 @@ def _run_local(context: dg.AssetExecutionContext, run: StageRun, *, stage: str, 
     ray.ensure()
     out = run_on_ray(
         _stage_task, driver, str(init_dir), records, config, str(workdir), store.base_uri, stage, key,
-        run.run_id, ray.training_cpus(), num_cpus=ray.training_cpus(),
+        run.run_id, ray.training_cpus(), ray.embedded_rollout_replicas(), num_cpus=ray.training_cpus(),
     )  # fmt: skip
     for i, record in enumerate(out["history"]):
         run.log_metrics({k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"},
@@ -195,6 +200,10 @@ def run_training_stage(
     compute = ray.cluster_compute()  # None: the embedded layout
     if compute is not None:  # DeepSpeed ranks and engine replicas train differently: another identity
         versions.append("compute:" + json.dumps(compute, sort_keys=True))
+    elif (
+        not ray.uses_ray_jobs() and get_driver(driver).compute == ROLLOUTS and ray.embedded_rollout_replicas()
+    ):
+        versions.append(f"rollout_replicas:{ray.embedded_rollout_replicas()}")
     key = run_key(stage, cfg, versions)
     store = storage.get()
     records = data.to_dict("records")

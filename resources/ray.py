@@ -52,10 +52,21 @@ class RayResource(dg.ConfigurableResource):
     engine_cpus: float = 1.0
     engine_gpus: float = 0.0
     engine_placement_strategy: str = "SPREAD"
+    # Embedded layout: RL stages roll out on this many engine replicas sharing the stage task's CPUs
+    # (``compute.cluster.owner_rollouts``); 0: the in-process engine; None: one per training CPU when
+    # there are 2 or more (on 2 cores, ~1.5x faster rollouts than one process with 2 threads).
+    rollout_replicas: int | None = None
 
     def training_cpus(self) -> int:
         """CPUs a training task asks for: all of a local machine's (one task trains at a time)."""
         return self.num_cpus or os.cpu_count() or 1
+
+    def embedded_rollout_replicas(self) -> int:
+        """Engine replicas of an embedded RL stage (see ``rollout_replicas``)."""
+        if self.rollout_replicas is not None:
+            return max(0, self.rollout_replicas)
+        cpus = self.training_cpus()
+        return cpus if cpus >= 2 else 0
 
     def ensure(self) -> RayInfo:
         if self.address:

@@ -85,7 +85,8 @@ def split_balanced(items: Sequence[Any], parts: int) -> list[list[Any]]:
 
 
 class EnginePool:
-    """``replicas`` `EngineReplica` actors on a placement group; use as a context manager."""
+    """``replicas`` `EngineReplica` actors on a placement group (none with ``cpus = gpus = 0``: the
+    replicas then share their owner's CPUs); use as a context manager."""
 
     def __init__(
         self,
@@ -109,22 +110,32 @@ class EnginePool:
 
         if replicas < 1:
             raise ValueError("an engine pool needs at least one replica")
-        bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
-        self.placement_group = placement_group([bundle] * replicas, strategy=placement_strategy)
-        ray.get(self.placement_group.ready())
-        self.placement_strategy = placement_strategy
+        if cpus < 0 or gpus < 0:
+            raise ValueError(f"cpus and gpus must be >= 0, got {cpus}, {gpus}")
         source = ray.put(ModuleSource.of(model, segment_attention=False))
         remote = ray.remote(EngineReplica)
-        self.replicas = [
-            remote.options(
-                num_cpus=cpus,
-                num_gpus=gpus,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=self.placement_group, placement_group_bundle_index=i
-                ),
-            ).remote(i, source, codec, tags, engine_config or EngineConfig(), threads)
-            for i in range(replicas)
-        ]
+        args = (source, codec, tags, engine_config or EngineConfig(), threads)
+        if cpus == 0 and gpus == 0:
+            # Replicas that reserve nothing run on the CPUs their owner already holds (the embedded
+            # layout: the stage task owns the machine and alternates rollouts with training).
+            self.placement_group = None
+            self.placement_strategy = "owner"
+            self.replicas = [remote.options(num_cpus=0).remote(i, *args) for i in range(replicas)]
+        else:
+            bundle = {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+            self.placement_group = placement_group([bundle] * replicas, strategy=placement_strategy)
+            ray.get(self.placement_group.ready())
+            self.placement_strategy = placement_strategy
+            self.replicas = [
+                remote.options(
+                    num_cpus=cpus,
+                    num_gpus=gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=self.placement_group, placement_group_bundle_index=i
+                    ),
+                ).remote(i, *args)
+                for i in range(replicas)
+            ]
         self.infos: list[dict[str, Any]] = ray.get([r.info.remote() for r in self.replicas])
         self.requests = [0] * replicas
         self.calls = 0

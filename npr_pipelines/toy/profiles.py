@@ -148,7 +148,7 @@ DEFAULT = ToyProfile(
     # are within noise (dev +0.022 [-0.005, +0.051]; -0.003 in `make run`): `make papo-study` runs 128.
     papo=RLStageConfig(
         lr=1e-4,
-        steps=12,
+        steps=24,
         prompts_per_step=64,
         group_size=8,
         max_new_tokens=320,

@@ -21,6 +21,7 @@ started again ends with the same weights as an uninterrupted one (same threads, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -213,17 +214,20 @@ def sr_config(**overrides: Any) -> RLConfig:
 # ----------------------------------------------------------------------------------------- helpers
 def problem_order(n: int, seed: int, epoch: int) -> list[int]:
     """The seeded permutation of ``range(n)`` used in epoch ``epoch``."""
+    return list(_problem_order(n, seed, epoch))
+
+
+@functools.lru_cache(maxsize=4)
+def _problem_order(n: int, seed: int, epoch: int) -> tuple[int, ...]:
+    # cached: shuffling 8,000 indices per drawn problem cost ~0.4 s of every toy PAPO step
     order = list(range(n))
     random.Random(f"rl-order|{seed}|{epoch}").shuffle(order)
-    return order
+    return tuple(order)
 
 
 def take_problems(n_total: int, seed: int, cursor: int, count: int) -> list[int]:
     """Indices of the ``count`` problems after data cursor ``cursor`` (epochs reshuffle)."""
-    out = []
-    for c in range(cursor, cursor + count):
-        out.append(problem_order(n_total, seed, c // n_total)[c % n_total])
-    return out
+    return [_problem_order(n_total, seed, c // n_total)[c % n_total] for c in range(cursor, cursor + count)]
 
 
 @dataclass(frozen=True)

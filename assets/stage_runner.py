@@ -38,7 +38,7 @@ from assets.common import (
     run_key,
     run_on_ray,
 )
-from npr_pipelines.compute.cluster import ROLLOUTS, owner_rollouts
+from npr_pipelines.compute.cluster import owner_replicas, owner_rollouts
 from npr_pipelines.compute.stage_job import (
     PIPES_EXTRA,
     StageSpec,
@@ -119,6 +119,11 @@ def _stage_task(driver: str, init_dir: str, records: list[dict[str, Any]], confi
     }
 
 
+def _rollout_replicas(driver: str, config: Any, ray: RayResource) -> int:
+    """Engine replicas an embedded stage rolls out on (``compute.cluster.owner_replicas``)."""
+    return owner_replicas(get_driver(driver).compute, config, ray.embedded_rollout_replicas())
+
+
 def _run_local(context: dg.AssetExecutionContext, run: StageRun, *, stage: str, key: str, driver: str,
                init: Mapping[str, Any], records: list[dict[str, Any]], config: Any,
                settings: PipelineSettings, store: Storage, ray: RayResource) -> dict[str, Any]:  # fmt: skip
@@ -129,7 +134,7 @@ def _run_local(context: dg.AssetExecutionContext, run: StageRun, *, stage: str, 
     ray.ensure()
     out = run_on_ray(
         _stage_task, driver, str(init_dir), records, config, str(workdir), store.base_uri, stage, key,
-        run.run_id, ray.training_cpus(), ray.embedded_rollout_replicas(), num_cpus=ray.training_cpus(),
+        run.run_id, ray.training_cpus(), _rollout_replicas(driver, config, ray), num_cpus=ray.training_cpus(),
     )  # fmt: skip
     for i, record in enumerate(out["history"]):
         run.log_metrics({k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"},
@@ -200,10 +205,8 @@ def run_training_stage(
     compute = ray.cluster_compute()  # None: the embedded layout
     if compute is not None:  # DeepSpeed ranks and engine replicas train differently: another identity
         versions.append("compute:" + json.dumps(compute, sort_keys=True))
-    elif (
-        not ray.uses_ray_jobs() and get_driver(driver).compute == ROLLOUTS and ray.embedded_rollout_replicas()
-    ):
-        versions.append(f"rollout_replicas:{ray.embedded_rollout_replicas()}")
+    elif not ray.uses_ray_jobs() and _rollout_replicas(driver, config, ray):
+        versions.append(f"rollout_replicas:{_rollout_replicas(driver, config, ray)}")
     key = run_key(stage, cfg, versions)
     store = storage.get()
     records = data.to_dict("records")

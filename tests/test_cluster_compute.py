@@ -175,6 +175,37 @@ def test_engine_pool_dispatches_and_syncs_weights(cluster) -> None:
     assert placement_group_table(placement_group)["state"] == "REMOVED"  # released on exit
 
 
+def test_owner_rollouts_share_the_cpus_of_a_task_that_holds_them_all(cluster) -> None:
+    """The embedded layout: an RL stage task holds every CPU of the node; its replicas reserve none, so
+    they start (a placement group would wait forever) and decode what the in-process engine decodes."""
+    import ray
+
+    from npr_pipelines.compute.cluster import ROLLOUTS, STRATEGY, owner_rollouts
+
+    model = tiny_qwen3(CC.vocab_size, seed=3, hidden=32, layers=1)
+    requests = _requests(5)
+
+    def stage_task(model, codec, tags, requests):
+        with owner_rollouts(STRATEGY, 2) as sft_extra, owner_rollouts(ROLLOUTS, 0) as in_process:
+            assert sft_extra == {} and in_process == {}
+        with owner_rollouts(ROLLOUTS, 2) as extra:
+            pool = extra["rollout_engine"](model, codec, tags, EngineConfig(num_blocks=256))
+            return pool.generate(requests), pool.describe()
+
+    total = int(ray.cluster_resources()["CPU"])
+    ref = ray.remote(num_cpus=total)(stage_task).remote(model, CC.codec(), CC.tags, requests)
+    got, info = ray.get(ref, timeout=120)
+    _same(got, _local(model, split_balanced(requests, 2)))
+    assert info["placement_strategy"] == "owner" and info["requests"] == [2, 3]
+
+
+def test_ray_resource_rollout_replicas() -> None:
+    assert RayResource(num_cpus=2).embedded_rollout_replicas() == 2  # one per training CPU
+    assert RayResource(num_cpus=1).embedded_rollout_replicas() == 0  # the in-process engine
+    assert RayResource(num_cpus=4, rollout_replicas=0).embedded_rollout_replicas() == 0
+    assert RayResource(num_cpus=1, rollout_replicas=3).embedded_rollout_replicas() == 3
+
+
 @pytest.mark.parametrize(
     "options", [{"zero_stage": 2}, {"zero_stage": 3, "offload_optimizer": True, "offload_params": True}]
 )

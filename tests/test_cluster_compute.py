@@ -199,11 +199,19 @@ def test_owner_rollouts_share_the_cpus_of_a_task_that_holds_them_all(cluster) ->
     assert info["placement_strategy"] == "owner" and info["requests"] == [2, 3]
 
 
-def test_ray_resource_rollout_replicas() -> None:
+def test_which_embedded_stages_roll_out_on_owner_replicas() -> None:
+    from npr_pipelines.compute.cluster import ROLLOUTS, STRATEGY, owner_replicas
+    from npr_pipelines.training.rl import RLConfig
+
     assert RayResource(num_cpus=2).embedded_rollout_replicas() == 2  # one per training CPU
     assert RayResource(num_cpus=1).embedded_rollout_replicas() == 0  # the in-process engine
     assert RayResource(num_cpus=4, rollout_replicas=0).embedded_rollout_replicas() == 0
     assert RayResource(num_cpus=1, rollout_replicas=3).embedded_rollout_replicas() == 3
+    papo = RLConfig(prompts_per_step=64, group_size=8)
+    assert owner_replicas(ROLLOUTS, papo, 2) == 2
+    assert owner_replicas(ROLLOUTS, papo.replace(prompts_per_step=16), 2) == 0  # too small to pay off
+    assert owner_replicas(ROLLOUTS, papo.replace(device="cuda"), 2) == 0  # the engine shares the GPU
+    assert owner_replicas(STRATEGY, papo, 2) == 0 and owner_replicas(ROLLOUTS, papo, 0) == 0
 
 
 @pytest.mark.parametrize(

@@ -136,8 +136,9 @@ MIN_OWNER_ROLLOUTS = 256
 
 def owner_replicas(kind: str, config: Any, replicas: int) -> int:
     """How many owner replicas a stage driver of ``kind`` with ``config`` rolls out on: ``replicas`` for
-    an RL driver whose steps hold at least `MIN_OWNER_ROLLOUTS` rollouts, else 0 (in process)."""
-    if kind != ROLLOUTS or replicas <= 0:
+    a CPU RL driver whose steps hold at least `MIN_OWNER_ROLLOUTS` rollouts, else 0 (in process; a GPU
+    policy's in-process engine decodes on its GPU, which replicas that reserve nothing could not see)."""
+    if kind != ROLLOUTS or replicas <= 0 or getattr(config, "device", "cpu") != "cpu":
         return 0
     rollouts = int(getattr(config, "prompts_per_step", 0)) * int(getattr(config, "group_size", 0))
     return replicas if rollouts >= MIN_OWNER_ROLLOUTS else 0

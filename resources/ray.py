@@ -54,7 +54,7 @@ class RayResource(dg.ConfigurableResource):
     engine_placement_strategy: str = "SPREAD"
     # Embedded layout: RL stages roll out on this many engine replicas sharing the stage task's CPUs
     # (``compute.cluster.owner_rollouts``); 0: the in-process engine; None: one per training CPU when
-    # there are 2 or more (on 2 cores, ~1.5x faster rollouts than one process with 2 threads).
+    # there are 2 or more (the decode loop is mostly single-threaded host work).
     rollout_replicas: int | None = None
 
     def training_cpus(self) -> int:

@@ -150,8 +150,10 @@ DEFAULT = ToyProfile(
     # PAPO: one optimiser step per batch of 64 prompts x 8 rollouts, and the paper's schema-level filter
     # (format-invalid or non-parallel rollouts dropped, ``RLConfig.drop_schema_failures``). Smaller
     # batches (16 x 8, 1-4 optimiser steps) gave a random walk at lr 5e-5 and lost accuracy at 1e-4;
-    # 64 x 8 at lr 1e-4 gains steadily but slowly (see the notes), so the 12 steps that fit `make run`
-    # are within noise (dev +0.022 [-0.005, +0.051]; -0.003 in `make run`): `make papo-study` runs 128.
+    # 64 x 8 at lr 1e-4 gains steadily but slowly (see the notes). 24 steps take the wall time 12 did
+    # before zero-advantage rows left the backward pass (train 4.1 -> 1.9 s a step) and the rollouts moved
+    # to one engine replica per core (``RayResource.rollout_replicas``): dev +0.025 [-0.011, +0.062] after
+    # 24 (+0.022 after 12), within noise; `make papo-study` runs 128.
     papo=RLStageConfig(
         lr=1e-4,
         steps=24,
@@ -193,6 +195,11 @@ DEFAULT = ToyProfile(
         "... +0.060 [+0.027, +0.093]); lr 2e-4 -0.023 and T = 0.7 rollouts -0.007 at step 16; Adam eps "
         "1e-5 no different. make papo-study (test split, final checkpoint): 64 steps +0.033 [-0.012, "
         "+0.079]; 128 steps +0.110 [+0.061, +0.159], matched SFT control -0.011.",
+        "24 steps (dev, n = 4 x 300): +0.025 [-0.011, +0.062]; format validity 0.990, trigger 0.9975 "
+        "(NPR-Beta: 0.993 / 0.9975). The stage-1 style ranked format-gated reward instead of the schema "
+        "filter (invalid rollouts kept and ranked below every valid one): +0.028 [-0.007, +0.065], "
+        "validity 0.998, trigger 0.9975: the same gain; not adopted (the paper's PAPO reward is accuracy "
+        "only).",
     ),
 )
 

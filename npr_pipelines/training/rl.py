@@ -282,7 +282,8 @@ def _loss_kwargs(config: RLConfig) -> dict[str, float]:
 
 
 def _stored_config_matches(stored: Mapping[str, Any], config: RLConfig) -> bool:
-    ignore = {"save_every", "skip_zero_advantage"}  # neither changes the result
+    # Neither changes the update beyond float rounding; runs stored before the skip existed resume.
+    ignore = {"save_every", "skip_zero_advantage"}
     mine = {k: v for k, v in config.to_dict().items() if k not in ignore}
     theirs = {k: v for k, v in stored.items() if k not in ignore}
     return mine == theirs

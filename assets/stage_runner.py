@@ -126,7 +126,8 @@ def _rollout_replicas(driver: str, config: Any, ray: RayResource) -> int:
 
 def _run_local(context: dg.AssetExecutionContext, run: StageRun, *, stage: str, key: str, driver: str,
                init: Mapping[str, Any], records: list[dict[str, Any]], config: Any,
-               settings: PipelineSettings, store: Storage, ray: RayResource) -> dict[str, Any]:  # fmt: skip
+               settings: PipelineSettings, store: Storage, ray: RayResource,
+               rollout_replicas: int) -> dict[str, Any]:  # fmt: skip
     """The embedded path: a Ray task on the attached cluster; the asset logs the history after."""
     workdir = settings.home_dir() / "work" / stage / key
     context.log.info(f"{stage}: run key {key}, workdir {workdir}, mlflow run {run.run_id}")
@@ -134,7 +135,7 @@ def _run_local(context: dg.AssetExecutionContext, run: StageRun, *, stage: str, 
     ray.ensure()
     out = run_on_ray(
         _stage_task, driver, str(init_dir), records, config, str(workdir), store.base_uri, stage, key,
-        run.run_id, ray.training_cpus(), _rollout_replicas(driver, config, ray), num_cpus=ray.training_cpus(),
+        run.run_id, ray.training_cpus(), rollout_replicas, num_cpus=ray.training_cpus(),
     )  # fmt: skip
     for i, record in enumerate(out["history"]):
         run.log_metrics({k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"},
@@ -205,8 +206,9 @@ def run_training_stage(
     compute = ray.cluster_compute()  # None: the embedded layout
     if compute is not None:  # DeepSpeed ranks and engine replicas train differently: another identity
         versions.append("compute:" + json.dumps(compute, sort_keys=True))
-    elif not ray.uses_ray_jobs() and _rollout_replicas(driver, config, ray):
-        versions.append(f"rollout_replicas:{_rollout_replicas(driver, config, ray)}")
+    rollout_replicas = 0 if ray.uses_ray_jobs() else _rollout_replicas(driver, config, ray)
+    if rollout_replicas:  # embedded replicas batch differently from one engine, as above
+        versions.append(f"rollout_replicas:{rollout_replicas}")
     key = run_key(stage, cfg, versions)
     store = storage.get()
     records = data.to_dict("records")
@@ -223,7 +225,8 @@ def run_training_stage(
                                compute=compute)  # fmt: skip
         else:
             out = _run_local(context, run, stage=stage, key=key, driver=driver, init=init, records=records,
-                             config=config, settings=settings, store=store, ray=ray)  # fmt: skip
+                             config=config, settings=settings, store=store, ray=ray,
+                             rollout_replicas=rollout_replicas)  # fmt: skip
         final = store.read_json(index_uri(checkpoint_key(stage, out["final_step"])))
         run.register_checkpoint(f"npr-{stage.replace('_', '-')}", final["uri"], alias="final")
     keys = [checkpoint_key(stage, s) for s in out["steps"]]

@@ -110,23 +110,30 @@ def stage_compute(kind: str, compute: ClusterCompute | None, *, seed: int = 0) -
         with strategy:
             yield {"strategy": strategy}
     elif kind == ROLLOUTS and compute.engine_replicas > 0:
-        from npr_pipelines.compute.engine_pool import EnginePoolFactory
-        from npr_pipelines.compute.ray_local import ensure_ray
-
-        ensure_ray()
-        factory = EnginePoolFactory(
+        with _rollout_engine(
             replicas=compute.engine_replicas,
             cpus=compute.engine_cpus,
             gpus=compute.engine_gpus,
             placement_strategy=compute.engine_placement_strategy,
             threads=max(1, int(compute.engine_cpus)),
-        )
-        try:
-            yield {"rollout_engine": factory}
-        finally:
-            factory.close()
+        ) as extra:
+            yield extra
     else:
         yield {}
+
+
+@contextmanager
+def _rollout_engine(**pool: Any) -> Iterator[dict[str, Any]]:
+    """``rollout_engine=``: an `EnginePoolFactory` with ``pool`` settings, its pools shut down at the end."""
+    from npr_pipelines.compute.engine_pool import EnginePoolFactory
+    from npr_pipelines.compute.ray_local import ensure_ray
+
+    ensure_ray()
+    factory = EnginePoolFactory(**pool)
+    try:
+        yield {"rollout_engine": factory}
+    finally:
+        factory.close()
 
 
 #: Fewest rollouts per RL step for which owner replicas pay for their start-up (a few seconds): NPR-Zero's
@@ -152,12 +159,5 @@ def owner_rollouts(kind: str, replicas: int) -> Iterator[dict[str, Any]]:
     if kind != ROLLOUTS or replicas <= 0:
         yield {}
         return
-    from npr_pipelines.compute.engine_pool import EnginePoolFactory
-    from npr_pipelines.compute.ray_local import ensure_ray
-
-    ensure_ray()
-    factory = EnginePoolFactory(replicas=replicas, cpus=0.0, threads=1)
-    try:
-        yield {"rollout_engine": factory}
-    finally:
-        factory.close()
+    with _rollout_engine(replicas=replicas, cpus=0.0, threads=1) as extra:
+        yield extra

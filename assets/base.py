@@ -51,7 +51,7 @@ def base_model(
         return _real_base_model(context, profile, settings, storage, mlflow)
     config = replace(profile.bootstrap, cache_dir=str(settings.home_dir() / "cache"))
     ray.ensure()
-    local = Path(run_on_ray(_bootstrap, config, num_cpus=ray.training_cpus()))
+    local = Path(run_on_ray(_bootstrap, config, num_cpus=ray.training_cpus(), label="base"))
     stats = bootstrap_manifest(local).get("stats", {})
     tracker = mlflow.tracker()
     with tracker.stage_run(

@@ -80,9 +80,10 @@ def log_asset_inputs(run: Any, inputs: Mapping[str, tuple[Any, str]], storage: A
         run.log_input(df, name=asset, source=source, digest=version, context=kind)
 
 
-#: Seconds spent inside Ray task bodies by this process (`run_on_ray`), so the main job can report how
-#: much of its wall time is orchestration (Dagster, Ray scheduling, MLflow, storage) rather than compute.
-COMPUTE_SECONDS: list[float] = []
+#: (task label, seconds inside the Ray task body) for every `run_on_ray` call of this process, so the
+#: main job can report how much of its wall time is orchestration (Dagster, Ray scheduling, MLflow,
+#: storage) rather than compute, and where the compute went.
+COMPUTE_SECONDS: list[tuple[str, float]] = []
 
 
 def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, Any]:
@@ -91,15 +92,17 @@ def _timed(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[float, An
     return time.perf_counter() - start, result
 
 
-def run_on_ray(fn: Callable[..., Any], *args: Any, num_cpus: int = 1, **kwargs: Any) -> Any:
+def run_on_ray(
+    fn: Callable[..., Any], *args: Any, num_cpus: int = 1, label: str | None = None, **kwargs: Any
+) -> Any:
     """Run ``fn`` as a Ray task on the cluster the Ray resource attached to, and wait for it (the time
-    inside the task is added to `COMPUTE_SECONDS`)."""
+    inside the task is added to `COMPUTE_SECONDS` under ``label``, ``fn``'s name by default)."""
     import ray
 
     seconds, result = ray.get(
         ray.remote(num_cpus=num_cpus, max_retries=0)(_timed).remote(fn, *args, **kwargs)
     )
-    COMPUTE_SECONDS.append(seconds)
+    COMPUTE_SECONDS.append((label or fn.__name__, seconds))
     return result
 
 

@@ -210,7 +210,7 @@ def benchmark_scores(
     ray.ensure()
     result = run_on_ray(
         _evaluate, str(model_dir), problems, modes, eval_kwargs, profile_prompt(profile), ray.training_cpus(),
-        str(workdir), latency_problems, pool, num_cpus=ray.training_cpus(),
+        str(workdir), latency_problems, pool, num_cpus=ray.training_cpus(), label=f"eval {ckpt} {bench}",
     )  # fmt: skip
     reused = {m: result[m]["reused_chunks"] for m in modes}
     if any(reused.values()):

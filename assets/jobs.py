@@ -23,6 +23,7 @@ from assets import STAGE_ASSETS, benchmark_scores
 from assets.common import COMPUTE_SECONDS
 from assets.data import TOY_BENCHMARK
 from npr_pipelines.eval.report import report_markdown
+from npr_pipelines.machine import machine_info
 from npr_pipelines.storage import Storage
 from npr_pipelines.tracking import Tracker
 
@@ -172,7 +173,10 @@ def _run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, lo
         eval_meta = scores["eval"]
         log(f"  {stage:<9} {json.dumps(stages[stage])}")
     wall = time.perf_counter() - start
-    compute = sum(COMPUTE_SECONDS)
+    tasks: dict[str, float] = {}
+    for label, seconds in COMPUTE_SECONDS:
+        tasks[label] = round(tasks.get(label, 0.0) + seconds, 1)
+    compute = sum(seconds for _, seconds in COMPUTE_SECONDS)
     summary = {
         "wall_time_s": wall,
         # Time inside the Ray task bodies (training, sampling, evaluation) vs everything else: Dagster,
@@ -182,7 +186,10 @@ def _run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, lo
             "orchestration_s": round(wall - compute, 1),
             "orchestration_share": round((wall - compute) / wall, 3) if wall else None,
             "ray_tasks": len(COMPUTE_SECONDS),
+            "tasks": tasks,  # compute seconds per Ray task, in the order they ran
         },
+        # Timings and trained figures both depend on the machine (see ``npr_pipelines.machine``).
+        "machine": machine_info(),
         "eval": {
             "benchmark": eval_meta.get("benchmark"),
             "n_problems": eval_meta.get("n_problems"),
@@ -203,4 +210,7 @@ def _run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, lo
         f"wall {wall:.0f} s: compute {t['compute_s']:.0f} s in {t['ray_tasks']} Ray tasks, orchestration "
         f"(Dagster, Ray, MLflow, storage) {t['orchestration_s']:.0f} s ({t['orchestration_share']:.0%})"
     )
+    log("compute by task: " + ", ".join(f"{label} {seconds:.0f} s" for label, seconds in tasks.items()))
+    m = summary["machine"]
+    log(f"machine: {m['cpu']}, {m['usable_cpus']} cores, torch kernels {m['torch_cpu_capability']}")
     return summary

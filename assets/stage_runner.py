@@ -135,7 +135,7 @@ def _run_local(context: dg.AssetExecutionContext, run: StageRun, *, stage: str, 
     ray.ensure()
     out = run_on_ray(
         _stage_task, driver, str(init_dir), records, config, str(workdir), store.base_uri, stage, key,
-        run.run_id, ray.training_cpus(), rollout_replicas, num_cpus=ray.training_cpus(),
+        run.run_id, ray.training_cpus(), rollout_replicas, num_cpus=ray.training_cpus(), label=stage,
     )  # fmt: skip
     for i, record in enumerate(out["history"]):
         run.log_metrics({k: v for k, v in record.items() if isinstance(v, int | float) and k != "step"},

@@ -104,7 +104,7 @@ def cold_start_traces(
                          storage.get())  # fmt: skip
         ray.ensure()
         out = run_on_ray(_rejection_task, str(policy), problems, config, str(workdir), ray.training_cpus(),
-                         num_cpus=ray.training_cpus())  # fmt: skip
+                         num_cpus=ray.training_cpus(), label="rejection")  # fmt: skip
         summary = {k: v for k, v in out["summary"].items() if isinstance(v, int | float)}
         run.log_metrics(summary)
         run.log_artifact(out["attempts_path"])

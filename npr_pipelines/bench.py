@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-import platform
 import random
 import statistics
 import time
@@ -39,6 +38,7 @@ import torch
 
 from npr_pipelines.engine import Engine, EngineConfig, EngineOutput, Request, SamplingParams, TokenCodec
 from npr_pipelines.engine.testing import CharCodec, ScriptHook, replay_script, trace_script
+from npr_pipelines.machine import machine_info
 from npr_pipelines.storage import write_json_report
 from npr_pipelines.structure import TagVocab, Trace, parallel_layout, parse_tokens
 
@@ -325,29 +325,6 @@ def _device(bm: BenchModel) -> torch.device:
     return next(bm.model.parameters()).device
 
 
-def machine(threads: int, device: str = "cpu") -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    import transformers
-
-    gpu = torch.cuda.get_device_name(0) if device.startswith("cuda") else None
-    return {
-        "device": device,
-        "gpu": gpu,
-        "cpu": cpu,
-        "logical_cpus": os.cpu_count(),
-        "torch_threads": threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-    }
-
-
 def _load() -> list[float]:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -426,7 +403,7 @@ def run(
         "teacher_forced_max_abs_logprob_diff": tf,
         "parallel_speedup_cpu": seq_cpu / par_cpu,
         "efficiency_cpu": seq_cpu / par_cpu / cpr,
-        "machine": machine(threads, device),
+        "machine": machine_info(threads, device),
         "dtype": dtype,
         "model": {"source": bm.source, "fallback": fallback, **bm.detail},
         "traces": {

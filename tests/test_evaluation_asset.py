@@ -35,6 +35,7 @@ def fake_run_on_ray(calls: list):
         latency_problems,
         pool,
         num_cpus,
+        label,
     ):
         calls.append({"modes": modes, "workdir": workdir, "latency_problems": latency_problems,
                       "model_dir": model_dir})  # fmt: skip

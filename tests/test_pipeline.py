@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 from npr_pipelines.structure import format_score_v2, last_boxed, parse_text, validate
 from npr_pipelines.toy.profiles import SMALL
@@ -53,12 +54,23 @@ def solve(question: str) -> str:
 def test_summary_json_has_the_design_contract(small_pipeline) -> None:
     written = json.loads((small_pipeline.home / "summary.json").read_text())
     assert written == small_pipeline.summary
-    assert set(written) == {"wall_time_s", "eval", "stages", "timing"}  # DESIGN.md's keys + the split below
+    # DESIGN.md's keys + the timing split and the machine below
+    assert set(written) == {"wall_time_s", "eval", "stages", "timing", "machine"}
     assert 0 < written["wall_time_s"] <= small_pipeline.wall_s
     timing = written["timing"]  # compute inside Ray tasks vs orchestration: they add up to the wall time
     assert timing["ray_tasks"] >= 12  # base, npr_zero, rejection, 2 SFT, 2 RL + 6 evaluations
     assert 0 < timing["compute_s"] < written["wall_time_s"]
     assert timing["compute_s"] + timing["orchestration_s"] == pytest.approx(written["wall_time_s"], abs=0.2)
+    # Where the compute went: one entry per stage task and per final-checkpoint evaluation.
+    tasks = timing["tasks"]
+    assert {"base", "npr_zero", "rejection", "npr_beta", "npr", "sr_beta", "sr"} <= set(tasks)
+    evals = [label for label in tasks if label.startswith("eval ")]
+    assert len(evals) == len(DESIGN_STAGES) and all(label.endswith(" toy_test") for label in evals)
+    assert all(seconds > 0 for seconds in tasks.values())
+    assert sum(tasks.values()) == pytest.approx(timing["compute_s"], abs=0.1 * len(tasks))
+    machine = written["machine"]  # what the timings and figures depend on
+    assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert machine["usable_cpus"] >= 1 and machine["torch"] == torch.__version__
     ev = written["eval"]
     assert set(ev) == DESIGN_EVAL_FIELDS
     assert ev == {

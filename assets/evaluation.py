@@ -189,10 +189,7 @@ def benchmark_scores(
     modes = STAGE_MODES[ref["stage"]]
     profile = get_profile(settings.profile)
     ev = profile.eval
-    eval_kwargs = dict(
-        n_samples=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p, max_new_tokens=ev.max_new_tokens,
-        seed=ev.seed, answer_type=get_benchmark(bench).answer_type,
-    )  # fmt: skip
+    eval_kwargs = ev.sampling(answer_type=get_benchmark(bench).answer_type)
     rows = benchmarks[benchmarks.benchmark == bench]
     if rows.empty:
         raise ValueError(f"benchmark {bench!r} has no problems in the benchmarks asset")

@@ -135,3 +135,17 @@ def test_latency_is_one_request_at_a_time_with_the_evaluation_seeds() -> None:
     assert summary["latency_median_s"] == sorted(latencies)[1]
     assert summary["tokens_per_s"] == pytest.approx(sum(r.total_tokens for r in records) / wall)
     assert summary["accuracy"] == summarize(records)["accuracy"] and summary["latencies_s"] == latencies
+
+
+def test_the_toy_protocol_becomes_runner_settings_in_one_place() -> None:
+    from npr_pipelines.toy.profiles import get_profile
+
+    ev = get_profile("default").eval
+    cfg = ev.runner_config(mode="parallel")
+    assert isinstance(cfg, EvalConfig) and cfg.mode == "parallel"
+    protocol = (ev.n_samples, ev.temperature, ev.top_p, ev.max_new_tokens, ev.seed)
+    assert (cfg.n_samples, cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.seed) == protocol
+    # The runner's own default (top-p 0.7) is not what a toy profile without top_p asks for (1.0).
+    small = get_profile("small").eval
+    assert small.runner_config().top_p == small.top_p == 1.0
+    assert ev.runner_config(n_samples=4, seed=7).n_samples == 4 and ev.sampling(seed=7)["seed"] == 7

@@ -31,7 +31,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from npr_pipelines.eval.runner import EvalConfig, SampleRecord
+from npr_pipelines.eval.runner import SampleRecord
 from npr_pipelines.toy.problems import generate_problems
 from npr_pipelines.toy.profiles import get_profile
 from npr_pipelines.toy.tokenizer import TOY_PROMPT
@@ -57,8 +57,7 @@ def evaluate_dir(path: Path, problems: Sequence[Any], mode: str, *, n: int = 1) 
                                                                                          dict[str, Any]]:  # fmt: skip
     """The profile's evaluation protocol on a saved checkpoint: ``(records, summary)``."""
     ev = get_profile("default").eval
-    cfg = EvalConfig(mode=mode, n_samples=n, temperature=ev.temperature, top_p=ev.top_p,
-                     max_new_tokens=ev.max_new_tokens, seed=EVAL_SEED)  # fmt: skip
+    cfg = ev.runner_config(mode=mode, n_samples=n, seed=EVAL_SEED)
     return evaluate_checkpoint(path, problems, cfg, TOY_PROMPT, THREADS)
 
 

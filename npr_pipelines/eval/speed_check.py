@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from npr_pipelines.eval.runner import EvalConfig, build_engine, evaluate_problems, measure_latency, summarize
+from npr_pipelines.eval.runner import build_engine, evaluate_problems, measure_latency, summarize
 from npr_pipelines.eval.speedup import latency_speedup, median_latency, throughput_speedup, tokens_per_second
 from npr_pipelines.storage import write_json_report
 
@@ -66,10 +66,7 @@ def speed_check(
     latencies: dict[str, list[float]] = {}
     with torch.no_grad():
         for mode in ("sequential", "parallel"):
-            cfg = EvalConfig(
-                mode=mode, n_samples=ev.n_samples, temperature=ev.temperature, top_p=ev.top_p,
-                max_new_tokens=ev.max_new_tokens, seed=ev.seed,
-            )  # fmt: skip
+            cfg = ev.runner_config(mode=mode)
             engine = build_engine(model, tokenizer, cfg)
             evaluate_problems(model, tokenizer, problems[:4], cfg, TOY_PROMPT, engine)  # warm-up
             steps0 = engine.stats.steps

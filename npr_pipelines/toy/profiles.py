@@ -13,11 +13,15 @@ model and a few steps per stage, for tests: the whole graph, end to end, in abou
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 from npr_pipelines.toy.bootstrap import BootstrapConfig, MixtureConfig, TrainConfig
 from npr_pipelines.toy.model import ModelConfig
 from npr_pipelines.toy.problems import ProblemConfig
 from npr_pipelines.toy.tokenizer import TokenizerConfig
+
+if TYPE_CHECKING:  # the runner pulls in the engine; profiles stay importable without it
+    from npr_pipelines.eval.runner import EvalConfig as RunnerEvalConfig
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,19 @@ class EvalConfig:
     batch_size: int = 256
     # Latency speedup: the first this-many problems, one request at a time, in each mode (cheap: ~seconds).
     latency_problems: int = 16
+
+    def sampling(self, **overrides: Any) -> dict[str, Any]:
+        """The evaluation runner's sampling settings (``eval.runner.EvalConfig`` keywords), ``overrides``
+        on top: the one place the toy protocol becomes runner settings."""
+        kwargs = dict(n_samples=self.n_samples, temperature=self.temperature, top_p=self.top_p,
+                      max_new_tokens=self.max_new_tokens, seed=self.seed)  # fmt: skip
+        return {**kwargs, **overrides}
+
+    def runner_config(self, **overrides: Any) -> RunnerEvalConfig:
+        """``eval.runner.EvalConfig`` for this protocol (e.g. ``runner_config(mode="parallel")``)."""
+        from npr_pipelines.eval.runner import EvalConfig as RunnerEvalConfig
+
+        return RunnerEvalConfig(**self.sampling(**overrides))
 
 
 @dataclass(frozen=True)

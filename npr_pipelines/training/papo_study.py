@@ -247,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.to_problem() for p in generate_problems(study.eval_split, study.eval_problems, study.seed, pc)
     ]
     ev = profile.eval
-    eval_config = EvalConfig(mode="parallel", n_samples=study.n_samples, temperature=ev.temperature,
-                             top_p=ev.top_p, max_new_tokens=ev.max_new_tokens, seed=EVAL_SEED)  # fmt: skip
+    eval_config = ev.runner_config(mode="parallel", n_samples=study.n_samples, seed=EVAL_SEED)
     report = run_papo_study(beta_dir, rows, train, held_out, configs["npr"], configs["npr_beta"], eval_config,
                             workdir, study)  # fmt: skip
     report["npr_beta"] = str(beta_dir)

@@ -253,7 +253,7 @@ def test_same_assets_and_summary_keys_as_the_embedded_run(cluster_run: ClusterRu
     written = json.loads((cluster_run.home / "summary.json").read_text())
     assert written == cluster_run.summary
     # test_pipeline's contract for the embedded run (DESIGN.md), key for key
-    assert set(written) == {"wall_time_s", "eval", "stages", "timing"}
+    assert set(written) == {"wall_time_s", "eval", "stages", "timing", "machine"}
     assert set(written["eval"]) == DESIGN_EVAL_FIELDS
     assert set(written["stages"]) == DESIGN_STAGES
     for stage, entry in written["stages"].items():

@@ -273,7 +273,7 @@ def test_zero_advantage_rollouts_are_skipped_exactly(tiny_plain, tmp_path, monke
     a, b, init = _weights(skipped.final_dir), _weights(full.final_dir), _weights(tiny_plain)
     assert any(not torch.equal(a[k], init[k]) for k in a)  # the update is not empty
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)  # AVX2 kernels: 1.7e-7
 
 
 def _resume_hook(tok):

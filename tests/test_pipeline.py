@@ -66,7 +66,8 @@ def test_summary_json_has_the_design_contract(small_pipeline) -> None:
     assert {"base", "npr_zero", "rejection", "npr_beta", "npr", "sr_beta", "sr"} <= set(tasks)
     evals = [label for label in tasks if label.startswith("eval ")]
     assert len(evals) == len(DESIGN_STAGES) and all(label.endswith(" toy_test") for label in evals)
-    assert all(seconds >= 0 for seconds in tasks.values()) and tasks["base"] > 0  # reused work: ~0 s
+    # A cached base (another fixture of the session may have trained it) takes ~0 s; the stages train here.
+    assert all(seconds >= 0 for seconds in tasks.values()) and tasks["npr"] > 0
     assert sum(tasks.values()) == pytest.approx(timing["compute_s"], abs=0.1 * len(tasks))
     machine = written["machine"]  # what the timings and figures depend on
     assert machine["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()

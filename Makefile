@@ -48,9 +48,12 @@ papo-study: $(STAMP)
 	rm -rf .npr/work/papo_study
 	$(PY) -m npr_pipelines.training.papo_study
 
+# Two pytest-xdist workers: much of the suite waits on subprocesses, Ray and the browser, so a second
+# worker fills the idle core. tests/conftest.py groups the work units (TEST_WORKERS=0: one process).
+TEST_WORKERS ?= 2
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q --durations=20
+	$(PY) -m pytest -q --durations=20 -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 test-fast: $(STAMP) chromium
 	$(PY) -m pytest -q -m "not slow"

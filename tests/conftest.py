@@ -3,12 +3,63 @@ the whole pipeline (``small`` profile, ``pipeline_fixtures``)."""
 
 from __future__ import annotations
 
+import functools
 import logging
+import re
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from pipeline_fixtures import release_ray, small_pipeline  # noqa: F401  (fixtures for every module)
+
+#: Session fixtures that take minutes to build. Under pytest-xdist every worker builds its own, so all
+#: the modules that use one form a single work unit (one worker builds it once).
+SHARED_SESSION_FIXTURES = ("toy_base_model", "small_pipeline")
+
+
+@functools.cache
+def work_unit(module: str) -> str:
+    """The xdist work unit of a test module (a path relative to the root): the first shared session
+    fixture its source names, else the module itself (its module-scoped clusters are built once)."""
+    source = (Path(__file__).resolve().parent.parent / module).read_text(encoding="utf-8")
+    return next((f for f in SHARED_SESSION_FIXTURES if re.search(rf"\b{f}\b", source)), module)
+
+
+def _module(nodeid: str) -> str:
+    return nodeid.split("::", 1)[0].split("@", 1)[0]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``make test`` runs ``-n 2 --dist loadscope --no-loadscope-reorder``: xdist's scope scheduling
+    with ``work_unit`` as the scope. (``--dist loadgroup`` cannot be used: xdist 3.8 marks the groups
+    in ``item._nodeid``, which pytest 9 no longer reads.)"""
+    if config.getvalue("dist") != "loadscope":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return work_unit(_module(nodeid))
+
+    return WorkUnitScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker: the longest work units first (the shared-fixture chains, then the modules
+    marked slow), so the last unit to start is a short one. The controller takes the units in the
+    workers' collection order (``--no-loadscope-reorder``). A plain run keeps pytest's order."""
+    if not hasattr(config, "workerinput"):
+        return
+    slow = {_module(item.nodeid) for item in items if item.get_closest_marker("slow")}
+
+    def rank(item: pytest.Item) -> int:
+        module = _module(item.nodeid)
+        return 0 if work_unit(module) != module else 1 if module in slow else 2
+
+    items.sort(key=rank)  # stable: collection order within a rank, so every worker agrees
 
 
 def create_bucket(endpoint_url: str, name: str | None = None) -> str:

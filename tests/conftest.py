@@ -28,7 +28,7 @@ def work_unit(module: str) -> str:
 
 
 def _module(nodeid: str) -> str:
-    return nodeid.split("::", 1)[0].split("@", 1)[0]
+    return nodeid.split("::", 1)[0]
 
 
 @pytest.hookimpl(tryfirst=True)

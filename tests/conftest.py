@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 import uuid
 from collections.abc import Iterator
@@ -12,6 +13,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# Set before anything imports torch (libgomp reads the policy once, when it loads) or starts Ray (its
+# processes inherit the environment). Under `make test` two test processes share 2 cores, and both
+# defaults starve whichever one is not computing at the moment:
+# - OpenMP threads spin at every barrier, burning the core that a thread of the other process needs
+#   (the small pipeline beside the default bootstrap: 387 s and 654 s spinning, 112 s and 368 s passive);
+# - Ray runs its workers at nice 15, so beside a nice-0 test process they got ~4% of a core (the small
+#   pipeline's setup took 946 s instead of ~130 s).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("RAY_worker_niceness", "0")
+
 from pipeline_fixtures import release_ray, small_pipeline  # noqa: F401  (fixtures for every module)
 
 #: Session fixtures that take minutes to build. Under pytest-xdist every worker builds its own, so all

@@ -21,7 +21,6 @@ lines) is copied to ``home/run_output.log``: ``test_secret_leak`` searches every
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -33,6 +32,11 @@ from typing import IO, Any
 import pytest
 
 from npr_pipelines.cli import DAGSTER_YAML as CLI_DAGSTER_YAML
+
+try:
+    from toy_fixtures import session_toy_cache
+except ImportError:  # tests/ imported as a package
+    from tests.toy_fixtures import session_toy_cache
 
 TESTS = Path(__file__).resolve().parent
 #: The code location of the small profile, as a workspace loads it (by file).
@@ -162,18 +166,12 @@ def ray_session_dir() -> Path | None:
     return Path(session) if session else None
 
 
-def toy_cache_dir_of(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The directory ``toy_fixtures.toy_cache_dir`` uses (``NPR_TOY_TEST_CACHE`` or the session's)."""
-    override = os.environ.get("NPR_TOY_TEST_CACHE")
-    return Path(override) if override else tmp_path_factory.getbasetemp() / "toy-cache"
-
-
 def new_home(tmp_path_factory: pytest.TempPathFactory, name: str) -> tuple[Path, Path]:
     """A fresh ``NPR_HOME`` and its ``DAGSTER_HOME`` (with ``DAGSTER_YAML``). The base model is the small
     profile's bootstrap, cached by config: every home shares the session's cache with
     ``toy_fixtures.small_toy_base`` (whichever runs first trains it, the others reuse it)."""
     home = tmp_path_factory.mktemp(name)
-    shared = toy_cache_dir_of(tmp_path_factory) / "toy_base"
+    shared = session_toy_cache(tmp_path_factory) / "toy_base"
     shared.mkdir(parents=True, exist_ok=True)
     (home / "cache").mkdir()
     (home / "cache" / "toy_base").symlink_to(shared, target_is_directory=True)

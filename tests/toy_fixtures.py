@@ -5,8 +5,8 @@ To make them available everywhere, ``tests/conftest.py`` can do::
     from toy_fixtures import *  # noqa: F403  (toy_cache_dir, small_toy_base, toy_base_model, ...)
 
 Until then, test modules import the fixtures they use from here. Every definition puts its cache in the
-same per-session directory, so two imports of the same fixture still bootstrap once (the second one is
-a cache hit). ``NPR_TOY_TEST_CACHE`` points the cache at a persistent directory instead (reruns then
+same per-session directory (shared by the session's xdist workers), so two imports of the same fixture
+still bootstrap once (the second one is a cache hit). ``NPR_TOY_TEST_CACHE`` points the cache at a persistent directory instead (reruns then
 skip the bootstrap: handy locally, but a stale cache hides changes to the bootstrap code unless
 ``BOOTSTRAP_VERSION`` is bumped).
 """
@@ -22,11 +22,21 @@ from npr_pipelines.toy.bootstrap import bootstrap_base_model
 from npr_pipelines.toy.profiles import DEFAULT, SMALL
 
 
+def session_toy_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``NPR_TOY_TEST_CACHE``, else the test session's cache directory. Under pytest-xdist the workers'
+    temp directories are siblings and the cache lives beside them: an entry two workers need is trained
+    once (the cache's lock makes the second wait for the first)."""
+    override = os.environ.get("NPR_TOY_TEST_CACHE")
+    if override:
+        return Path(override)
+    base = tmp_path_factory.getbasetemp()
+    return (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "toy-cache"
+
+
 @pytest.fixture(scope="session")
 def toy_cache_dir(tmp_path_factory) -> Path:
     """Cache root for toy artifacts in this test session."""
-    override = os.environ.get("NPR_TOY_TEST_CACHE")
-    path = Path(override) if override else tmp_path_factory.getbasetemp() / "toy-cache"
+    path = session_toy_cache(tmp_path_factory)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

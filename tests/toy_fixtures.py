@@ -6,9 +6,9 @@ To make them available everywhere, ``tests/conftest.py`` can do::
 
 Until then, test modules import the fixtures they use from here. Every definition puts its cache in the
 same per-session directory (shared by the session's xdist workers), so two imports of the same fixture
-still bootstrap once (the second one is a cache hit). ``NPR_TOY_TEST_CACHE`` points the cache at a persistent directory instead (reruns then
-skip the bootstrap: handy locally, but a stale cache hides changes to the bootstrap code unless
-``BOOTSTRAP_VERSION`` is bumped).
+still bootstrap once (the second one is a cache hit). ``NPR_TOY_TEST_CACHE`` points the cache at a
+persistent directory instead (reruns then skip the bootstrap: handy locally, but a stale cache hides
+changes to the bootstrap code unless ``BOOTSTRAP_VERSION`` is bumped).
 """
 
 from __future__ import annotations

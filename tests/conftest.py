@@ -18,7 +18,8 @@ import pytest
 # processes inherit the environment). Under `make test` two test processes share 2 cores, and both
 # defaults starve whichever one is not computing at the moment:
 # - OpenMP threads spin at every barrier, burning the core that a thread of the other process needs
-#   (the small pipeline beside the default bootstrap: 387 s and 654 s spinning, 112 s and 368 s passive);
+#   (the small pipeline beside the default bootstrap: 387 s and 654 s spinning, 112 s and 368 s passive;
+#   alone, passive waiting is slower: `make run` took 1567 s instead of 1320 s, so only tests set it);
 # - Ray runs its workers at nice 15, so beside a nice-0 test process they got ~4% of a core (the small
 #   pipeline's setup took 946 s instead of ~130 s).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -48,8 +48,8 @@ papo-study: $(STAMP)
 	rm -rf .npr/work/papo_study
 	$(PY) -m npr_pipelines.training.papo_study
 
-# Two pytest-xdist workers: much of the suite waits on subprocesses, Ray and the browser, so a second
-# worker fills the idle core. tests/conftest.py groups the work units (TEST_WORKERS=0: one process).
+# Two pytest-xdist workers: run alone, the suite leaves a core idle whenever it waits on subprocesses, Ray
+# or the browser, or runs on one thread. tests/conftest.py groups the work units (TEST_WORKERS=0: one process).
 TEST_WORKERS ?= 2
 test: $(STAMP) chromium
 	$(VENV)/bin/ruff check .

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ def test_concurrent_builders_build_once_and_both_get_the_entry(tmp_path: Path) -
     def slow_build(tmp: Path) -> None:
         builds.append(tmp)
         started.set()
-        threading.Event().wait(0.5)  # the second builder arrives while this one is still training
+        time.sleep(0.5)  # the second builder arrives while this one is still training
         (tmp / MARKER).write_text("{}")
 
     def first() -> None:

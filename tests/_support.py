@@ -1,8 +1,26 @@
-"""Shared test helpers: tokenizers with the tags as single tokens, built in the test process."""
+"""Shared test helpers: tokenizers with the tags as single tokens, built in the test process; free ports."""
 
 from __future__ import annotations
 
+import socket
+
 from npr_pipelines.structure import TAGS, Tag, TagVocab
+
+#: Ports `free_port` has handed out in this process.
+_HANDED_OUT: set[int] = set()
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 that this process has not handed out before. The OS may return a
+    port it just released, and a Ray node given one port for two of its components refuses to start."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
+
 
 # A synthetic character-level id scheme: one id per character, tags above the character range.
 CHAR_TAG_BASE = 0x110000

@@ -23,7 +23,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 import psutil
 import pytest
+from _support import free_port
 from pipeline_fixtures import FOREIGN_ENV, new_home
 from test_pipeline import DESIGN_EVAL_FIELDS, DESIGN_STAGE_FIELDS, DESIGN_STAGES, STAGE_ASSETS
 
@@ -48,16 +48,10 @@ SFT_STAGES = {"npr_beta": "npr_beta_checkpoint", "sr_beta": "sr_beta_checkpoint"
 RL_STAGES = {"npr_zero": "npr_zero_policy", "npr": "npr_policy", "sr": "sr_policy"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _node_ports() -> list[str]:
     names = ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")  # fmt: skip
-    return [f"--{name}={_free_port()}" for name in names]
+    return [f"--{name}={free_port()}" for name in names]
 
 
 @dataclass
@@ -140,7 +134,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
     shutdown_ray()  # a Ray another module left attached would be reused instead of this cluster
     root = tmp_path_factory.mktemp("ray-cluster")
     tag = f"{os.getpid()}-{root.name[-4:]}"  # short temp dirs: Ray's socket paths must fit AF_UNIX's limit
-    gcs_port, dashboard_port = _free_port(), _free_port()
+    gcs_port, dashboard_port = free_port(), free_port()
     cluster = LocalCluster(f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}")
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS", *FOREIGN_ENV)}
     env.update(RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_USAGE_STATS_ENABLED="0")
@@ -153,7 +147,7 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalClust
         cluster.start(
             [str(Path(sys.executable).parent / "ray"), "start", "--head", *common, f"--port={gcs_port}",
              f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
-             f"--ray-client-server-port={_free_port()}", f"--temp-dir={head_dir}", *_node_ports()],
+             f"--ray-client-server-port={free_port()}", f"--temp-dir={head_dir}", *_node_ports()],
             env, root / "head.log", head_dir,
         )  # fmt: skip
         _wait_for_dashboard(cluster)

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,6 +26,7 @@ import dagster as dg
 import pandas as pd
 import psutil
 import pytest
+from _support import free_port
 
 from assets.common import read_checkpoint
 from assets.configs import stage_configs
@@ -130,12 +130,6 @@ def test_spec_from_extras_is_strict() -> None:
 
 
 # ------------------------------------------------------------------------------------ Ray head
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class RayHead:
     url: str
@@ -172,7 +166,7 @@ def ray_head_process(tmp_path_factory) -> Iterator[RayHead]:
     # A short temp dir: Ray's socket paths must stay under the 107-byte AF_UNIX limit.
     temp_dir = Path("/tmp") / f"npr-ray-{os.getpid()}-{root.name[-6:]}"
     ports = {
-        name: _free_port()
+        name: free_port()
         for name in ("port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
                      "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port",
                      "node-manager-port", "object-manager-port")

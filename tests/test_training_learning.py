@@ -47,12 +47,6 @@ except ImportError:  # tests/ imported as a package
     from tests.toy_fixtures import toy_base_model, toy_cache_dir  # noqa: F401
 
 THREADS = int(os.environ.get("NPR_TEST_THREADS", "2"))
-#: Torch threads while only decoding (evaluation, rejection sampling). The decode loop is small matrices
-#: and per-step Python, so a second intra-op thread mostly waits at barriers: on a 2-core AVX2 machine a
-#: 300-problem evaluation took the same wall time or less on one thread with ~40% less CPU, and 120
-#: problems of rejection sampling 31.5 s instead of 29.5 s with half the CPU. The samples are the same
-#: (``RejectionConfig.RESULT_NEUTRAL``); the suite's other worker gets the core.
-DECODE_THREADS = 1
 EVAL_PROBLEMS = 200
 PAPO_STEPS = 6
 pytestmark = pytest.mark.slow
@@ -64,7 +58,7 @@ def evaluate_dir(path: Path, problems: Sequence[Any], mode: str, *, n: int = 1) 
     """The profile's evaluation protocol on a saved checkpoint: ``(records, summary)``."""
     ev = get_profile("default").eval
     cfg = ev.runner_config(mode=mode, n_samples=n, seed=EVAL_SEED)
-    return evaluate_checkpoint(path, problems, cfg, TOY_PROMPT, DECODE_THREADS)
+    return evaluate_checkpoint(path, problems, cfg, TOY_PROMPT, THREADS)
 
 
 def figures(summary: dict[str, Any]) -> str:
@@ -81,8 +75,8 @@ def cfgs() -> dict[str, Any]:
     for stage in ("npr_zero", "npr"):
         out[stage] = out[stage].replace(num_threads=THREADS)
     out["npr"] = out["npr"].replace(steps=PAPO_STEPS, save_every=PAPO_STEPS // 2)
-    out["rejection"] = replace(out["rejection"], num_threads=DECODE_THREADS)
-    out["npr_beta"] = replace(out["npr_beta"], num_threads=THREADS)
+    for stage in ("rejection", "npr_beta"):
+        out[stage] = replace(out[stage], num_threads=THREADS)
     return out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from _support import byte_bpe_tokenizer
+from _support import byte_bpe_tokenizer, free_port
 
 from npr_pipelines.data import Problem, ProblemDataError, load_problems, save_problems
 from npr_pipelines.data.problems import MAX_ANSWER_CHARS, MAX_ID_CHARS, MAX_QUESTION_CHARS
@@ -322,9 +321,7 @@ def test_tokenizer_without_chat_template_names_the_directory(tmp_path: Path) -> 
 @pytest.fixture
 def dead_endpoint(monkeypatch: pytest.MonkeyPatch) -> str:
     """An S3 endpoint URL on 127.0.0.1 where nothing listens (fake credentials, no metadata lookups)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     for var, value in {
         "AWS_ACCESS_KEY_ID": "testing",
         "AWS_SECRET_ACCESS_KEY": "testing",

@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from _support import free_port
 
 from npr_pipelines.engine import EngineConfig, FinishReason, Request
 from npr_pipelines.engine.testing import ScriptHook, tiny_qwen3, trace_script
@@ -224,13 +225,10 @@ def test_command_line_server_process(model_dir: Path) -> None:
     """``python -m npr_pipelines.serve`` loads the directory, binds 127.0.0.1 and answers; SIGTERM stops it."""
     import os
     import signal
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     cmd = [sys.executable, "-m", "npr_pipelines.serve", "--model-path", str(model_dir), "--port", str(port)]
     cmd += [
         "--num-blocks",

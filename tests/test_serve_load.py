@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from _support import free_port
 
 from npr_pipelines.serve.loadgen import LoadResult, default_body, percentile, run_load
 
@@ -38,12 +38,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tiny_qwen3(len(tok), seed=11).save_pretrained(path)
     tok.save_pretrained(path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def metrics(url: str) -> dict:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _support import free_port
 
 from npr_pipelines.data import Problem
 from npr_pipelines.engine import EngineConfig, EngineOutput, FinishReason, Request, SamplingParams, TokenCodec
@@ -431,12 +432,7 @@ def test_refusals_are_explicit(server, codec, tags, prompt) -> None:
 @contextmanager
 def socket_closed_port() -> Iterator[str]:
     """A loopback URL nothing listens on."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    yield f"http://127.0.0.1:{port}"
+    yield f"http://127.0.0.1:{free_port()}"
 
 
 def test_full_server_queue_is_retried(model_dir, codec, tags, prompt) -> None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from typing import Any
 
 import pytest
 import yaml
+from _support import free_port
 
 pytestmark = pytest.mark.usefixtures("release_ray")
 
@@ -60,12 +60,6 @@ def workspace_location() -> tuple[str, str]:
     (entry,) = yaml.safe_load((REPO / "workspace.yaml").read_text())["load_from"]
     module = entry["python_module"]
     return module["module_name"], module["location_name"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def stop_sensor(instance: Any, name: str) -> tuple[str, str]:

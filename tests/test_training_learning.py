@@ -136,7 +136,7 @@ def test_rejection_sampling_corpus_passes_the_independent_recheck(toy_base_model
     print(f"\nrejection sampling: offered {summary['offered']}, accepted {summary['accepted']} "
           f"({summary['acceptance_rate']:.3f}), attempts {summary['attempts']}, {summary['wall_s']:.0f} s; "
           f"corpus rows {len(corpus['rows'])}")  # fmt: skip
-    # The learnt figures move with the CPU kernel ISA (README): 0.4875 measured on an AVX2-only machine.
+    # The learnt figures move with the CPU kernel ISA (README): 0.507 measured on an AVX2-only machine.
     assert summary["acceptance_rate"] >= 0.45
     rows = corpus["rows"]
     _, stage2_tok, _, _ = prepare_model(toy_base_model)  # the tokenizer with the 8 tag tokens
@@ -153,7 +153,7 @@ def test_parallel_sft_learns_the_format(npr_beta, splits) -> None:
     print(f"\nNPR-Beta ({npr_beta['steps']} SFT steps, {npr_beta['wall_s']:.0f} s)\n  parallel: {figures(par)}"
           f"\n  sequential: {figures(seq)}")  # fmt: skip
     assert par["format_valid_rate"] >= 0.95
-    assert seq["format_valid_rate"] >= 0.85  # 0.895 measured on an AVX2-only machine (ISA: README)
+    assert seq["format_valid_rate"] >= 0.9
 
 
 def test_papo_from_npr_beta_keeps_the_parallel_format(npr_beta, corpus, cfgs, splits, chain_dir) -> None:

@@ -134,8 +134,8 @@ DEFAULT = ToyProfile(
     bootstrap=BootstrapConfig(),
     # Sized so `make run` (bootstrap included) fits 600 s on 2 cores. Measured at seed 0, stage by stage:
     # NPR-Zero lifts held-out format validity from 0.05 to ~0.99 (top-p 0.7) in 15 steps (~4 s each:
-    # dynamic sampling needs a second batch about half the time); rejection sampling accepts ~55% of
-    # the problems offered within 8 tries; 400 steps of parallel SFT on the ~250 traces (~45 s) give
+    # dynamic sampling needs a second batch about half the time); rejection sampling accepts ~50% of
+    # the problems offered within 8 tries; 400 steps of parallel SFT on the ~300 traces (~45 s) give
     # format validity ~0.99 in parallel mode and ~0.96 in sequential mode. SFT's causal share, on one
     # corpus: 0 -> parallel accuracy 0.26 but sequential validity 0.0 (the parallel layout never trains
     # step labels); 0.25 -> 0.23 / 0.91; 0.4 -> 0.24 / 0.96; 0.55 -> 0.18 / 0.93; 0.75 -> 0.23 / 0.96.
@@ -153,7 +153,15 @@ DEFAULT = ToyProfile(
         # float-level change, moved NPR-Beta's sequential-mode validity from 0.94 to 0.88).
         skip_zero_advantage=False,
     ),
-    rejection_sampling=RejectionSamplingConfig(max_tries=8, n_problems=400, max_new_tokens=320),
+    # Rejection sampling at the evaluation's top-p (the paper samples stage 2 at top-p 1.0): the corpus
+    # size is what makes NPR-Beta format-valid when it writes the step labels itself (sequential mode).
+    # Measured on an AVX2 machine from one NPR-Zero (dev split, 300 problems; NPR-Beta parallel acc /
+    # valid, sequential acc / valid): 400 problems at top-p 1.0 (before) accept 0.49, 195 traces ->
+    # 0.227 / 0.99, 0.237 / 0.91; at top-p 0.7 0.53, 211 -> 0.187 / 0.99, 0.207 / 0.89; 600 problems
+    # at top-p 1.0 0.46, 277 -> 0.213 / 0.99, 0.207 / 0.97; 600 at top-p 0.7 0.51, 304 -> 0.260 / 1.0,
+    # 0.247 / 0.98. Longer SFT did not help (487 steps, all 20 epochs: sequential valid 0.88), nor a
+    # causal share of 0.5 (0.90).
+    rejection_sampling=RejectionSamplingConfig(max_tries=8, n_problems=600, max_new_tokens=320, top_p=0.7),
     parallel_sft=SFTStageConfig(
         lr=2e-3,
         epochs=20,

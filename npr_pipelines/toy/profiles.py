@@ -132,8 +132,8 @@ class ToyProfile:
 DEFAULT = ToyProfile(
     name="default",
     bootstrap=BootstrapConfig(),
-    # Sized so `make run` (bootstrap included) fits 600 s on 2 cores (the earlier machines; ~1,400 s on a 2-core AVX2
-    # EPYC, README). Measured at seed 0, stage by stage:
+    # Sized so `make run` (bootstrap included) fits 600 s on 2 cores (the earlier machines; ~1,400 s on
+    # a 2-core AVX2 EPYC, README). Measured at seed 0, stage by stage:
     # NPR-Zero lifts held-out format validity from 0.05 to ~0.99 (top-p 0.7) in 15 steps (~4 s each:
     # dynamic sampling needs a second batch about half the time); rejection sampling accepts ~50% of
     # the problems offered within 8 tries; 400 steps of parallel SFT on the ~300 traces (~45 s) give

@@ -11,7 +11,7 @@ protocol (the paper's T = 1.0, top-p 0.7). Every figure is printed (run with ``-
 - NPR-Beta: ``format_valid_rate`` >= 0.95 in parallel mode and >= 0.9 in sequential mode.
 - NPR: the final PAPO checkpoint (fixed in advance) against NPR-Beta, n = 4 samples per problem in
   parallel mode: trigger rate >= 0.99 and the format kept, after PAPO_STEPS steps of the profile's
-  PAPO (half of `make run`'s 12, for the suite's time budget). The accuracy gain and its
+  PAPO (a quarter of `make run`'s 24, for the suite's time budget). The accuracy gain and its
   paired-bootstrap 95% interval are printed, not asserted: at these budgets it is within noise (about
   +0.01 per 8 steps of 64 x 8 rollouts; the ``default`` profile's notes). The longer comparison with a
   matched control is ``python -m npr_pipelines.training.papo_study``; here ``NPR_LEARNING_CONTROL=1``
